@@ -81,6 +81,22 @@ class PreparedVocabulary:
     def chunk(self, start: int, stop: int) -> "PreparedVocabulary":
         return PreparedVocabulary(self.embeds[start:stop], self.projected[start:stop], self.mask[start:stop])
 
+    def to_numpy(self) -> dict:
+        """Plain arrays, so Ray's object store shares one read-only copy per node (zero-copy)."""
+        return {
+            "embeds": self.embeds.detach().cpu().float().numpy(),
+            "projected": self.projected.detach().cpu().float().numpy(),
+            "mask": self.mask.detach().cpu().numpy(),
+        }
+
+    @classmethod
+    def from_numpy(cls, arrays: dict) -> "PreparedVocabulary":
+        import warnings
+
+        with warnings.catch_warnings():  # the store's buffers are read-only; we never write them
+            warnings.simplefilter("ignore", UserWarning)
+            return cls(*(torch.from_numpy(arrays[k]) for k in ("embeds", "projected", "mask")))
+
     def to(self, device=None, dtype=None) -> "PreparedVocabulary":
         return PreparedVocabulary(
             self.embeds.to(device=device, dtype=dtype),
