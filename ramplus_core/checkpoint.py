@@ -45,6 +45,8 @@ _HEAD_NAMES = {
     "output.LayerNorm": "ffn_norm",
 }
 _HEAD_KEY = re.compile(r"^tagging_head\.encoder\.layer\.(\d+)\.(.+)\.(weight|bias)$")
+_OUR_HEAD_KEY = re.compile(r"^head\.layers\.(\d+)\.(\w+)\.(weight|bias)$")
+_OUR_DOWNSAMPLE = re.compile(r"^layers\.(\d+)\.downsample\.")
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,25 @@ class LoadedCheckpoint:
     state: dict[str, torch.Tensor]  # keys of RamPlusNet.state_dict()
     label_embed: torch.Tensor  # [num_tags * descriptions_per_tag, 512]
     source: str
+    official_names: bool = False  # the file uses the paper's names, so errors should too
+
+    def file_name(self, key: str) -> str:
+        """A weight's name as it appears in the file, for error messages the user can act on."""
+        return official_name(key) if self.official_names else key
+
+
+def official_name(key: str) -> str:
+    """Inverse of `convert_official` for one key: our module's name -> the paper's name."""
+    if key.startswith("encoder.swin."):
+        k = _OUR_DOWNSAMPLE.sub(lambda m: f"layers.{int(m.group(1)) - 1}.downsample.", key[len("encoder.swin."):])
+        return "visual_encoder." + k
+    if m := _OUR_HEAD_KEY.match(key):
+        official = {v: k for k, v in _HEAD_NAMES.items()}.get(m.group(2))
+        if official:
+            return f"tagging_head.encoder.layer.{m.group(1)}.{official}.{m.group(3)}"
+    if key.startswith("head."):
+        return key[len("head."):]
+    return key
 
 
 def _read_bytes_or_path(uri: str) -> tuple[str | None, bytes | None]:
@@ -122,6 +143,15 @@ def read_raw(uri: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
             return st_load(data), meta
         except Exception as e:  # noqa: BLE001
             raise CheckpointError(f"corrupt safetensors checkpoint {uri}: {e}") from None
+    if not head:
+        raise CheckpointError(f"{uri} is empty (0 bytes), not a checkpoint. {GET_IT}")
+    if not _is_zip(head) and head[:1] != b"\x80":
+        # torch.save writes a zip or a protocol-2 pickle; anything else would only reach the
+        # unpickler and be misreported as "holds pickled objects".
+        raise CheckpointError(
+            f"{uri} is not a checkpoint: neither a PyTorch file (.pth) nor safetensors "
+            f"(it starts with {head[:8]!r}). {GET_IT}"
+        )
     try:
         if path is not None:
             top = torch.load(path, map_location="cpu", weights_only=True, mmap=_is_zip(head))
@@ -131,7 +161,7 @@ def read_raw(uri: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         raise CheckpointError(
             f"refused to load {uri}: it holds pickled objects other than tensors "
             f"(loaded with weights_only=True, so no code in it ran). Use the released RAM++ "
-            f"checkpoint or a ramplus safetensors export. Detail: {str(e).splitlines()[0]}"
+            f"checkpoint or a ramplus safetensors export. Detail: {_unpickling_detail(e)}"
         ) from None
     except Exception as e:  # noqa: BLE001 - zip, EOF, magic-number errors
         raise CheckpointError(
@@ -152,6 +182,19 @@ def read_raw(uri: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     if bad:
         raise CheckpointError(f"{uri}: entries that are not tensors: {bad[:8]}")
     return state, {}
+
+
+def _unpickling_detail(e: Exception) -> str:
+    """The line of torch's message that names what was refused.
+
+    Its first line advises retrying with weights_only=False, the wrong advice for an
+    untrusted file, so it is not what we show.
+    """
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    for ln in lines:
+        if "GLOBAL" in ln or ln.startswith("Unsupported"):
+            return ln
+    return lines[0] if lines else type(e).__name__
 
 
 def _is_zip(head: bytes) -> bool:
@@ -233,14 +276,15 @@ def load(uri: str, *, num_heads: int = 4, descriptions_per_tag: int | None = Non
             f"{uri}: label_embed has shape {tuple(label_embed.shape)}; expected [num_tags * {d}, "
             f"{cfg.head.encoder_width}] (set descriptions_per_tag if your model uses another count)"
         )
-    return LoadedCheckpoint(cfg, state, label_embed, str(uri))
+    return LoadedCheckpoint(cfg, state, label_embed, str(uri), official_names=SAFETENSORS_CONFIG_KEY not in meta)
 
 
-def check_state(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor], source: str) -> None:
-    """One error that lists every missing or mis-shaped learned weight."""
-    missing = [k for k in expected if k not in state]
+def check_state(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor], source: str,
+                name=lambda key: key) -> None:
+    """One error that lists every missing or mis-shaped learned weight, by `name(key)`."""
+    missing = [name(k) for k in expected if k not in state]
     shapes = [
-        f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+        f"{name(k)}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}"
         for k, v in expected.items() if k in state and state[k].shape != v.shape
     ]
     if missing or shapes:

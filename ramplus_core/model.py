@@ -108,7 +108,7 @@ class RamPlus:
         with torch.device("meta"):
             net = RamPlusNet(ck.config)
         expected = net.state_dict()
-        check_state(expected, ck.state, ck.source)
+        check_state(expected, ck.state, ck.source, ck.file_name)
         state = {k: ck.state[k].to(torch.float32) if ck.state[k].is_floating_point() else ck.state[k] for k in expected}
         try:
             net.load_state_dict(state, strict=True, assign=True)
