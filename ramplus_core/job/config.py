@@ -1,0 +1,394 @@
+"""Job settings: one YAML file, a few CLI flags on top, validated before any work starts.
+
+A nightly job that fails after an hour because of a typo in a key is the failure we most
+want to avoid, so every key is known here: an unknown key, a wrong type or a bad URI stops
+the run at once with a message that names the key (and the nearest known one for typos).
+The settings are plain frozen dataclasses so the rest of the job reads `cfg.decode.max_bytes`
+rather than dictionary lookups that fail late.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import re
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from ..errors import ConfigError
+from ..preprocess import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
+PARTITION_COLUMNS = ("run_date", "shard")
+SECRET_KEYS = ("access_key_id", "secret_access_key", "session_token")
+REDACTED = "***"
+
+
+def _positive(v) -> Optional[str]:
+    return None if v > 0 else "must be > 0"
+
+
+def _non_negative(v) -> Optional[str]:
+    return None if v >= 0 else "must be >= 0"
+
+
+def _unit_interval(v) -> Optional[str]:
+    return None if 0.0 <= v <= 1.0 else "must be between 0 and 1"
+
+
+def _check(fn, help_: str = ""):
+    return {"check": fn, "help": help_}
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    """Object-store access; every field falls back to the AWS_* environment when unset."""
+
+    endpoint_url: Optional[str] = None
+    access_key_id: Optional[str] = None
+    secret_access_key: Optional[str] = None
+    session_token: Optional[str] = None
+    region: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class ListingConfig:
+    extensions: tuple[str, ...] = IMAGE_EXTENSIONS
+    rows_per_file: int = field(default=100_000, metadata=_check(_positive))
+
+
+@dataclass(frozen=True)
+class FetchConfig:
+    threads: int = field(default=8, metadata=_check(_positive))
+    retries: int = field(default=3, metadata=_check(_non_negative))
+    backoff_s: float = field(default=0.5, metadata=_check(_non_negative))
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    max_bytes: int = field(default=DEFAULT_MAX_BYTES, metadata=_check(_positive))
+    max_pixels: int = field(default=DEFAULT_MAX_PIXELS, metadata=_check(_positive))
+    jpeg_draft: bool = True
+    batch_size: int = field(default=16, metadata=_check(_positive))
+    num_cpus: float = field(default=0.5, metadata=_check(_positive))
+    tasks: Optional[int] = field(default=None, metadata=_check(_positive))
+
+
+@dataclass(frozen=True)
+class InferenceConfig:
+    batch_size: int = field(default=32, metadata=_check(_positive))
+    actors: Optional[int] = field(default=None, metadata=_check(_positive))
+    gpus_per_actor: Optional[float] = field(default=None, metadata=_check(_non_negative))
+    num_cpus: float = field(default=1.0, metadata=_check(_positive))
+    torch_threads: Optional[int] = field(default=None, metadata=_check(_positive))
+    device: Optional[str] = None
+    dtype: str = "fp32"
+    chunk_size: int = field(default=1024, metadata=_check(_positive))
+    score_floor: float = field(default=0.1, metadata=_check(_unit_interval))
+
+
+@dataclass(frozen=True)
+class VocabularyConfig:
+    tags: Optional[tuple[str, ...]] = None
+    tags_file: Optional[str] = None
+    threshold: Optional[float] = field(default=None, metadata=_check(_unit_interval))
+    thresholds_file: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class LayoutConfig:
+    partition_by: tuple[str, ...] = PARTITION_COLUMNS
+    shards: int = field(default=8, metadata=_check(_positive))
+    rows_per_file: int = field(default=100_000, metadata=_check(_positive))
+    compression: str = "zstd"
+    keep_listing: bool = False
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    address: Optional[str] = None
+    num_cpus: Optional[int] = field(default=None, metadata=_check(_positive))
+    progress_interval_s: float = field(default=10.0, metadata=_check(_positive))
+    progress_bars: bool = True
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    input: tuple[str, ...] = ()
+    output: Optional[str] = None
+    checkpoint: Optional[str] = None
+    run_id: Optional[str] = None
+    storage: StorageConfig = StorageConfig()
+    listing: ListingConfig = ListingConfig()
+    fetch: FetchConfig = FetchConfig()
+    decode: DecodeConfig = DecodeConfig()
+    inference: InferenceConfig = InferenceConfig()
+    vocabulary: VocabularyConfig = VocabularyConfig()
+    layout: LayoutConfig = LayoutConfig()
+    ray: RayConfig = RayConfig()
+
+
+# -- building from plain data --------------------------------------------------------------
+
+def _unwrap_optional(tp) -> tuple[Any, bool]:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return tp, False
+
+
+def _type_name(tp) -> str:
+    if typing.get_origin(tp) is tuple:
+        return "a list of strings"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
+
+
+def _coerce(tp, value, key: str):
+    inner, optional = _unwrap_optional(tp)
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{key}: must be set ({_type_name(inner)}), got null")
+    if dataclasses.is_dataclass(inner):
+        return _build(inner, value, key + ".")
+    if typing.get_origin(inner) is tuple:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, (list, tuple)) or not all(isinstance(x, str) for x in value):
+            raise ConfigError(f"{key}: must be a list of strings, got {value!r}")
+        return tuple(value)
+    if inner is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: must be true or false, got {value!r}")
+        return value
+    if inner is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: must be an integer, got {value!r}")
+        return value
+    if inner is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: must be a number, got {value!r}")
+        return float(value)
+    if inner is str:
+        if not isinstance(value, str) or not value.strip():
+            raise ConfigError(f"{key}: must be a non-empty string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported setting type {inner}")  # pragma: no cover
+
+
+def _build(cls, data, prefix: str = ""):
+    where = prefix.rstrip(".") or "the config"
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: must be a mapping of keys to values, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in fields(cls)}
+    for k in data:
+        if k not in known:
+            near = difflib.get_close_matches(str(k), list(known), n=1)
+            hint = f"; did you mean '{prefix}{near[0]}'?" if near else f"; known keys here: {', '.join(known)}"
+            raise ConfigError(f"unknown key '{prefix}{k}'{hint}")
+    kwargs = {}
+    for name, f in known.items():
+        if name not in data:
+            continue
+        key = prefix + name
+        value = _coerce(hints[name], data[name], key)
+        check = f.metadata.get("check")
+        if check is not None and value is not None:
+            problem = check(value)
+            if problem:
+                raise ConfigError(f"{key}: {problem}, got {value!r}")
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _set_dotted(d: dict, dotted: str, value) -> None:
+    parts = dotted.split(".")
+    cur = d
+    for p in parts[:-1]:
+        nxt = cur.setdefault(p, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"--set {dotted}: '{p}' is not a section")
+        cur = nxt
+    cur[parts[-1]] = value
+
+
+def parse_set(items: list[str]) -> list[tuple[str, Any]]:
+    """`key.sub=value` strings; values are parsed as YAML so `true`, `8` and `[a, b]` work."""
+    out = []
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set decode.jpeg_draft=false")
+        k, v = item.split("=", 1)
+        try:
+            out.append((k.strip(), yaml.safe_load(v) if v.strip() else None))
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {k}: value is not valid YAML: {e}") from None
+    return out
+
+
+def load_config(path: Optional[str] = None, *, inputs: Optional[list[str]] = None, output: Optional[str] = None,
+                checkpoint: Optional[str] = None, run_id: Optional[str] = None,
+                overrides: Optional[list[tuple[str, Any]]] = None, require_uris: bool = True) -> JobConfig:
+    """YAML file (optional), then `--set` overrides, then the explicit flags; then validate."""
+    data: dict = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"--config: file not found: {path}")
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--config {path}: not valid YAML: {e}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"--config {path}: the top level must be a mapping of keys, got {type(loaded).__name__}")
+        data = copy.deepcopy(loaded or {})
+    for k, v in overrides or []:
+        _set_dotted(data, k, v)
+    if inputs:
+        data["input"] = list(inputs)
+    for key, value in (("output", output), ("checkpoint", checkpoint), ("run_id", run_id)):
+        if value is not None:
+            data[key] = value
+    cfg = _build(JobConfig, data)
+    validate(cfg, require_uris=require_uris)
+    return cfg
+
+
+# -- cross-field checks (no I/O: existence is checked by storage.preflight) ----------------
+
+_SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
+_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+
+
+def uri_scheme(uri: str) -> str:
+    m = _SCHEME.match(uri)
+    return m.group(1).lower() if m else "file"
+
+
+def _check_uri(key: str, uri: str) -> None:
+    scheme = uri_scheme(uri)
+    if scheme == "file":
+        return
+    import fsspec
+
+    if scheme not in fsspec.available_protocols():
+        raise ConfigError(f"{key}: unsupported URI scheme '{scheme}://' in {redact_uri(uri)}")
+    if scheme in ("s3", "s3a", "gs", "gcs", "az", "abfs"):
+        rest = uri.split("://", 1)[1]
+        bucket = rest.split("/", 1)[0]
+        if len(bucket) < 3:
+            raise ConfigError(f"{key}: '{redact_uri(uri)}' has no valid bucket name")
+
+
+def _norm_prefix(uri: str) -> str:
+    if uri_scheme(uri) == "file":
+        path = uri[len("file://"):] if uri.startswith("file://") else uri
+        return "file://" + str(Path(path).expanduser().absolute()).rstrip("/") + "/"
+    return uri.rstrip("/") + "/"
+
+
+def validate(cfg: JobConfig, require_uris: bool = True) -> None:
+    if require_uris:
+        if not cfg.input:
+            raise ConfigError("input: no input given; pass --input URI (repeatable) or set 'input' in the config")
+        if not cfg.output:
+            raise ConfigError("output: no output given; pass --output URI or set 'output' in the config")
+        if not cfg.checkpoint:
+            raise ConfigError("checkpoint: no checkpoint given; pass --checkpoint PATH_OR_URI or set 'checkpoint'")
+    for i, uri in enumerate(cfg.input):
+        _check_uri(f"input[{i}]", uri)
+    if cfg.output:
+        _check_uri("output", cfg.output)
+    if cfg.checkpoint:
+        _check_uri("checkpoint", cfg.checkpoint)
+    prefixes = [_norm_prefix(u) for u in cfg.input]
+    for i, a in enumerate(prefixes):
+        for j, b in enumerate(prefixes):
+            if i != j and b.startswith(a):
+                raise ConfigError(f"input[{j}]: {redact_uri(cfg.input[j])} is inside input[{i}] "
+                                  f"({redact_uri(cfg.input[i])}); its images would be tagged twice")
+    if cfg.output:
+        out = _norm_prefix(cfg.output)
+        for i, a in enumerate(prefixes):
+            if out.startswith(a) or a.startswith(out):
+                raise ConfigError(f"output: {redact_uri(cfg.output)} overlaps input[{i}] ({redact_uri(cfg.input[i])}); "
+                                  "write the results somewhere the listing does not read")
+    if cfg.run_id is not None and not _RUN_ID.match(cfg.run_id):
+        raise ConfigError(f"run_id: {cfg.run_id!r} must be letters, digits, '-', '_' or '.' (it names files)")
+    for i, ext in enumerate(cfg.listing.extensions):
+        if not ext.startswith(".") or len(ext) < 2:
+            raise ConfigError(f"listing.extensions[{i}]: {ext!r} must look like '.jpg'")
+    for i, col in enumerate(cfg.layout.partition_by):
+        if col not in PARTITION_COLUMNS:
+            raise ConfigError(f"layout.partition_by[{i}]: {col!r} is not one of {', '.join(PARTITION_COLUMNS)}")
+    if len(set(cfg.layout.partition_by)) != len(cfg.layout.partition_by):
+        raise ConfigError("layout.partition_by: a column appears twice")
+    if cfg.layout.compression not in ("zstd", "snappy", "gzip", "lz4", "brotli", "none"):
+        raise ConfigError(f"layout.compression: {cfg.layout.compression!r} is not one of zstd, snappy, gzip, lz4, brotli, none")
+    if cfg.inference.dtype not in ("fp32", "float32", "bf16", "bfloat16", "fp16", "float16"):
+        raise ConfigError(f"inference.dtype: {cfg.inference.dtype!r} is not one of fp32, bf16, fp16")
+    if cfg.inference.device is not None and not re.match(r"^(cpu|cuda(:\d+)?)$", cfg.inference.device):
+        raise ConfigError(f"inference.device: {cfg.inference.device!r} must be cpu, cuda or cuda:N")
+    if cfg.vocabulary.tags is not None and cfg.vocabulary.tags_file is not None:
+        raise ConfigError("vocabulary.tags_file: give either vocabulary.tags or vocabulary.tags_file, not both")
+    if cfg.vocabulary.threshold is not None and cfg.vocabulary.thresholds_file is not None:
+        raise ConfigError("vocabulary.thresholds_file: give either vocabulary.threshold or vocabulary.thresholds_file, not both")
+    for key in ("tags_file", "thresholds_file"):
+        path = getattr(cfg.vocabulary, key)
+        if path is not None and not Path(path).is_file():
+            raise ConfigError(f"vocabulary.{key}: file not found: {path}")
+    if cfg.vocabulary.tags is not None and not cfg.vocabulary.tags:
+        raise ConfigError("vocabulary.tags: the list is empty; leave it null to use every tag")
+
+
+# -- for the manifest ------------------------------------------------------------------------
+
+_USERINFO = re.compile(r"(^[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@]*@")
+
+
+def redact_uri(uri: str) -> str:
+    """Drop `user:password@` from URLs such as ftp://u:p@host/ before they reach a log."""
+    return _USERINFO.sub(r"\1***@", uri)
+
+
+def redacted(cfg: JobConfig) -> dict:
+    """The config as plain data with secrets replaced, for the manifest and the logs."""
+    d = dataclasses.asdict(cfg)
+    for k in SECRET_KEYS:
+        if d["storage"].get(k):
+            d["storage"][k] = REDACTED
+    d["input"] = [redact_uri(u) for u in d["input"]]
+    for k in ("output", "checkpoint"):
+        if d[k]:
+            d[k] = redact_uri(d[k])
+    return _lists(d)
+
+
+def _lists(x):
+    if isinstance(x, dict):
+        return {k: _lists(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_lists(v) for v in x]
+    return x
+
+
+def describe_keys(cls=JobConfig, prefix: str = "") -> list[str]:
+    """Every settable key, for --help and the docs test that keeps conf/default.yaml complete."""
+    out = []
+    hints = typing.get_type_hints(cls)
+    for f in fields(cls):
+        inner, _ = _unwrap_optional(hints[f.name])
+        if dataclasses.is_dataclass(inner):
+            out += describe_keys(inner, prefix + f.name + ".")
+        else:
+            out.append(prefix + f.name)
+    return out

@@ -1,0 +1,298 @@
+"""Listing the inputs into a URI table: Parquet shards that Ray Data reads block by block.
+
+Handing Ray Data millions of paths makes it stat and plan every one in the driver before
+the first image moves (a known Ray Data slowness), and holding them in a Python list costs
+gigabytes. Instead the driver streams the listing page by page (S3 pages of 1000 keys,
+one directory at a time elsewhere) into Parquet files of `listing.rows_per_file` rows under
+the run's staging folder, and Ray Data reads those few files. The driver never holds more
+than one file's rows.
+
+Local files get no ETag here: their content hash is computed by the reader from the bytes
+it reads anyway (MD5, which is what S3 reports as the ETag of a single-part upload), so
+each file is read once, in parallel, instead of twice with the second read in the driver.
+
+A folder that cannot be listed (permission denied) becomes a row with `list_error` set, so
+it ends as an error row of stage `list` instead of silently missing images.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Iterator, Optional
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .config import uri_scheme
+from .storage import Storage, ensure_dir, join, local_path, to_uri
+
+log = logging.getLogger(__name__)
+
+LISTING_SCHEMA = pa.schema([
+    ("uri", pa.string()),
+    ("size", pa.int64()),
+    ("etag", pa.string()),
+    ("mtime", pa.timestamp("us", tz="UTC")),
+    ("list_error", pa.string()),
+])
+_PAGE = 5000
+
+
+@dataclass
+class Entry:
+    uri: str
+    size: Optional[int]
+    etag: Optional[str]
+    mtime: Optional[datetime]
+    error: Optional[str] = None
+
+
+class Fingerprint:
+    """An order-free fingerprint of a set of URIs: count plus two 64-bit hash sums.
+
+    Comparing the listing's fingerprint with the one of the rows written proves (up to a
+    2^-128 chance) that every listed URI was written exactly once, without holding either
+    side in memory: a missing row and a duplicated row each change the sums.
+    """
+
+    _KEYS = ("ramplus-uri-fp-1", "ramplus-uri-fp-2")
+
+    def __init__(self, count: int = 0, s1: int = 0, s2: int = 0):
+        self.count, self.s1, self.s2 = count, s1, s2
+
+    def update(self, uris) -> None:
+        import pandas as pd
+
+        if isinstance(uris, (pa.Array, pa.ChunkedArray)):
+            uris = uris.to_numpy(zero_copy_only=False)
+        arr = np.asarray(uris, dtype=object)
+        if len(arr) == 0:
+            return
+        for i, key in enumerate(self._KEYS):
+            h = pd.util.hash_array(arr, hash_key=key, categorize=False)
+            total = int(h.sum(dtype=np.uint64))  # wraps modulo 2^64, which is what we want
+            if i == 0:
+                self.s1 = (self.s1 + total) % 2**64
+            else:
+                self.s2 = (self.s2 + total) % 2**64
+        self.count += len(arr)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Fingerprint) and (self.count, self.s1, self.s2) == (other.count, other.s1, other.s2)
+
+    def as_dict(self) -> dict:
+        return {"count": self.count, "sum1": f"{self.s1:016x}", "sum2": f"{self.s2:016x}"}
+
+
+@dataclass
+class ListingResult:
+    files: list[str] = field(default_factory=list)  # listing shard paths on the staging filesystem
+    listed: int = 0
+    skipped: int = 0
+    list_errors: int = 0
+    skipped_examples: list[str] = field(default_factory=list)
+    per_input: dict = field(default_factory=dict)
+    fingerprint: Fingerprint = field(default_factory=Fingerprint)
+    seconds: float = 0.0
+
+
+def has_extension(name: str, extensions: tuple[str, ...]) -> bool:
+    return os.path.splitext(name)[1].lower() in extensions
+
+
+# -- per-filesystem streaming walkers ------------------------------------------------------
+
+def iter_entries(uri: str, storage: Storage) -> Iterator[Entry]:
+    """Every object under a prefix (or the object itself), streamed."""
+    scheme = uri_scheme(uri)
+    if scheme == "file":
+        yield from _iter_local(local_path(uri))
+    elif scheme in ("s3", "s3a"):
+        yield from _iter_s3(uri, storage, scheme)
+    else:
+        yield from _iter_fsspec(uri, storage, scheme)
+
+
+def _iter_local(root: str) -> Iterator[Entry]:
+    if os.path.isfile(root):
+        st = os.stat(root)
+        yield Entry(to_uri("file", root), st.st_size, None, _ts(st.st_mtime))
+        return
+    stack = [root]
+    while stack:
+        d = stack.pop()
+        try:
+            with os.scandir(d) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as e:
+            yield Entry(to_uri("file", d), None, None, None, f"folder could not be listed: {e.strerror or e}")
+            continue
+        subdirs = []
+        for e in entries:
+            try:
+                if e.is_dir(follow_symlinks=False):
+                    subdirs.append(e.path)
+                elif e.is_file():
+                    st = e.stat()
+                    yield Entry(to_uri("file", e.path), st.st_size, None, _ts(st.st_mtime))
+            except OSError as err:
+                yield Entry(to_uri("file", e.path), None, None, None, f"cannot stat: {err.strerror or err}")
+        stack.extend(reversed(subdirs))
+
+
+def _iter_s3(uri: str, storage: Storage, scheme: str) -> Iterator[Entry]:
+    from fsspec.asyn import sync
+
+    fs, path = storage.fsspec(uri)
+    bucket, _, key = path.partition("/")
+    key = key.strip("/")
+    prefix = key + "/" if key else ""
+    agen = fs._iterdir(bucket, delimiter="", prefix=prefix)
+
+    async def take(n):
+        out = []
+        try:
+            while len(out) < n:
+                out.append(await agen.__anext__())
+        except StopAsyncIteration:
+            out.append(None)
+        return out
+
+    found = False
+    while True:
+        page = sync(fs.loop, take, _PAGE)
+        done = page and page[-1] is None
+        for info in page:
+            if info is None:
+                continue
+            name = info["name"]
+            if name.endswith("/"):  # folder marker objects
+                continue
+            found = True
+            yield Entry(to_uri(scheme, name), int(info.get("size") or 0), _etag(info), _dt(info.get("LastModified")))
+        if done:
+            break
+    if not found and key:
+        # The input may name a single object rather than a prefix.
+        try:
+            info = fs.info(path)
+        except FileNotFoundError:
+            return
+        if info.get("type") == "file":
+            yield Entry(to_uri(scheme, path), int(info.get("size") or 0), _etag(info), _dt(info.get("LastModified")))
+
+
+def _iter_fsspec(uri: str, storage: Storage, scheme: str) -> Iterator[Entry]:
+    fs, path = storage.fsspec(uri)
+    if fs.isfile(path):
+        info = fs.info(path)
+        yield Entry(to_uri(scheme, fs._strip_protocol(path)), info.get("size"), _etag(info), _dt(info.get("mtime")))
+        return
+    errors: list = []
+    for root, _dirs, files in fs.walk(path, detail=True, on_error=errors.append):
+        for name in sorted(files):
+            info = files[name]
+            yield Entry(to_uri(scheme, info["name"]), info.get("size"), _etag(info),
+                        _dt(info.get("mtime") or info.get("LastModified") or info.get("updated")))
+        while errors:
+            e = errors.pop()
+            yield Entry(to_uri(scheme, root), None, None, None, f"folder could not be listed: {e}")
+
+
+def _etag(info: dict) -> Optional[str]:
+    tag = info.get("ETag") or info.get("etag") or info.get("md5Hash")
+    return str(tag).strip('"') if tag else None
+
+
+def _ts(seconds: float) -> datetime:
+    return datetime.fromtimestamp(seconds, tz=timezone.utc)
+
+
+def _dt(value) -> Optional[datetime]:
+    if value is None:
+        return None
+    if isinstance(value, datetime):
+        return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+    if isinstance(value, (int, float)):
+        return _ts(float(value))
+    try:
+        return _dt(datetime.fromisoformat(str(value).replace("Z", "+00:00")))
+    except ValueError:
+        return None
+
+
+# -- the URI table ---------------------------------------------------------------------------
+
+class _ShardWriter:
+    def __init__(self, storage: Storage, staging_uri: str, rows_per_file: int):
+        self.fs, self.root = storage.pyarrow(join(staging_uri, "listing"))
+        ensure_dir(self.fs, self.root)
+        self.rows_per_file = rows_per_file
+        self.buf: dict[str, list] = {k: [] for k in LISTING_SCHEMA.names}
+        self.files: list[str] = []
+
+    def add(self, e: Entry) -> None:
+        self.buf["uri"].append(e.uri)
+        self.buf["size"].append(e.size)
+        self.buf["etag"].append(e.etag)
+        self.buf["mtime"].append(e.mtime)
+        self.buf["list_error"].append(e.error)
+        if len(self.buf["uri"]) >= self.rows_per_file:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.buf["uri"]:
+            return
+        table = pa.table(self.buf, schema=LISTING_SCHEMA)
+        path = f"{self.root}/part-{len(self.files):05d}.parquet"
+        pq.write_table(table, path, filesystem=self.fs, compression="zstd")
+        self.files.append(path)
+        self.buf = {k: [] for k in LISTING_SCHEMA.names}
+
+
+def list_inputs(inputs, storage: Storage, extensions: tuple[str, ...], staging_uri: str,
+                rows_per_file: int, progress=None) -> ListingResult:
+    """Stream every input prefix into listing shards; count what is not an image as skipped."""
+    t0 = time.perf_counter()
+    exts = tuple(e.lower() for e in extensions)
+    res = ListingResult()
+    writer = _ShardWriter(storage, staging_uri, rows_per_file)
+    chunk: list[str] = []
+    last_report = time.monotonic()
+    for uri in inputs:
+        n_in = 0
+        for e in iter_entries(uri, storage):
+            if e.error is None and not has_extension(e.uri, exts):
+                res.skipped += 1
+                if len(res.skipped_examples) < 5:
+                    res.skipped_examples.append(e.uri)
+                continue
+            if e.error is not None:
+                res.list_errors += 1
+            writer.add(e)
+            chunk.append(e.uri)
+            n_in += 1
+            if len(chunk) >= _PAGE:
+                res.fingerprint.update(chunk)
+                chunk = []
+            if progress and time.monotonic() - last_report > 10:
+                progress(f"listing: {res.fingerprint.count + len(chunk)} images so far, {res.skipped} skipped")
+                last_report = time.monotonic()
+        res.per_input[uri] = n_in
+    res.fingerprint.update(chunk)
+    writer.flush()
+    res.files = writer.files
+    res.listed = res.fingerprint.count
+    res.seconds = time.perf_counter() - t0
+    return res
+
+
+def read_listing_uris(storage: Storage, staging_uri: str, files: list[str]) -> Iterator[pa.Array]:
+    fs, _ = storage.pyarrow(join(staging_uri, "listing"))
+    for path in files:
+        yield pq.read_table(path, columns=["uri"], filesystem=fs).column("uri")

