@@ -138,6 +138,8 @@ def decode_any(item: ImageInput, limits: DecodeLimits = DecodeLimits()) -> Decod
     """Paths, bytes or PIL images to a Decoded; the public `tag` API uses this."""
     raw = read_input(item)
     if isinstance(raw, Image.Image):
+        # Same orientation as for bytes: an opened photo and its file must get the same tags.
+        raw = ImageOps.exif_transpose(raw)
         w, h = raw.size
         img = _to_rgb(raw)
         if img.size != (IMAGE_SIZE, IMAGE_SIZE):
