@@ -1,0 +1,268 @@
+"""Vocabulary files: the built-in tags, a subset of them, or none, plus a library's own tags.
+
+    builtin: all            # or none, or [dog, cat, ...]
+    text_encoder: /models/clip-vit-base-patch16   # CLIP ViT-B/16 folder (HF layout), any fsspec URL
+    cache: /var/cache/ramplus/text               # optional: embeddings kept by (tower, text)
+    import: [openimages_rare_200_llm_tag_descriptions.json]   # [{tag: [sentences]}, ...]
+    tags:
+      - name: company logo
+        descriptions: ["a photo of a company logo.", "..."]
+        threshold: 0.6
+        zh: 公司标志
+      - name: house style
+        embeddings: s3://bucket/vocab/house_style.npy   # [k, 512], unit rows
+      - name: skateboard park   # neither: the prompt-template ensemble
+
+Every mistake is reported with the tag's name, before any model work starts.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import yaml
+
+from .errors import VocabularyError
+from .vocabulary import OPEN_SET_THRESHOLD, Vocabulary
+
+FILE_KEYS = {"builtin", "tags", "import", "text_encoder", "cache"}
+TAG_KEYS = {"name", "descriptions", "embeddings", "threshold", "zh"}
+UNIT_TOLERANCE = 1e-3
+
+# Our own phrasings; their embeddings are averaged into one description (a CLIP-style
+# prompt ensemble) for a tag given by name alone.
+TEMPLATES = (
+    "a photo of a {}.",
+    "a picture of a {}.",
+    "an image showing a {}.",
+    "a close-up photo of a {}.",
+    "a photo of the {}.",
+    "a photo of a small {}.",
+    "a photo of a large {}.",
+    "a blurry photo of a {}.",
+    "a cropped photo of a {}.",
+    "a bright photo of a {}.",
+    "a dark photo of a {}.",
+    "a photo of many {}.",
+)
+
+
+@dataclass
+class TagSpec:
+    name: str
+    where: str
+    descriptions: list[str] = field(default_factory=list)
+    embeddings: np.ndarray | None = None
+    threshold: float = OPEN_SET_THRESHOLD
+    zh: str | None = None
+
+
+def _read_text(uri: str) -> str:
+    import fsspec
+
+    try:
+        with fsspec.open(uri, "rt", encoding="utf-8") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise VocabularyError(f"vocabulary file not found: {uri}") from None
+    except Exception as e:  # noqa: BLE001
+        raise VocabularyError(f"cannot read {uri}: {type(e).__name__}: {e}") from None
+
+
+def _read_npy(uri: str, tag: str) -> np.ndarray:
+    import fsspec
+
+    try:
+        with fsspec.open(uri, "rb") as f:
+            return np.load(io.BytesIO(f.read()), allow_pickle=False)
+    except FileNotFoundError:
+        raise VocabularyError(f"tag {tag!r}: embeddings file not found: {uri}") from None
+    except Exception as e:  # noqa: BLE001
+        raise VocabularyError(f"tag {tag!r}: cannot read embeddings {uri} as .npy: {e}") from None
+
+
+def read_llm_descriptions(uri: str) -> list[TagSpec]:
+    """The paper's LLM-description JSON: a list of {tag: [sentences]} objects."""
+    try:
+        data = json.loads(_read_text(uri))
+    except json.JSONDecodeError as e:
+        raise VocabularyError(f"{uri} is not valid JSON: {e}") from None
+    if not isinstance(data, list):
+        raise VocabularyError(f"{uri}: expected a list of {{tag: [sentences]}} objects")
+    specs = []
+    for i, item in enumerate(data):
+        if not isinstance(item, dict):
+            raise VocabularyError(f"{uri}: entry {i} is not an object")
+        for name, sentences in item.items():
+            if not isinstance(sentences, list) or not all(isinstance(s, str) for s in sentences):
+                raise VocabularyError(f"{uri}: tag {name!r}: descriptions must be a list of strings")
+            specs.append(TagSpec(name=str(name).strip(), where=uri, descriptions=list(sentences)))
+    return specs
+
+
+def _parse_tag(entry, i: int, base: str) -> TagSpec:
+    where = f"tags[{i}]"
+    if isinstance(entry, str):
+        entry = {"name": entry}
+    if not isinstance(entry, dict):
+        raise VocabularyError(f"{where}: expected a mapping with at least 'name'")
+    unknown = set(entry) - TAG_KEYS
+    if unknown:
+        raise VocabularyError(f"{where} ({entry.get('name')!r}): unknown keys {sorted(unknown)}; allowed: {sorted(TAG_KEYS)}")
+    name = str(entry.get("name") or "").strip()
+    if not name:
+        raise VocabularyError(f"{where}: a tag has an empty name")
+    spec = TagSpec(name=name, where=where)
+    desc = entry.get("descriptions") or []
+    if not isinstance(desc, list) or not all(isinstance(s, str) and s.strip() for s in desc):
+        raise VocabularyError(f"tag {name!r}: descriptions must be a list of non-empty strings")
+    spec.descriptions = list(desc)
+    if entry.get("embeddings") is not None:
+        spec.embeddings = _read_npy(_resolve(str(entry["embeddings"]), base), name)
+    th = entry.get("threshold", OPEN_SET_THRESHOLD)
+    if not isinstance(th, (int, float)) or not 0.0 < float(th) < 1.0:
+        raise VocabularyError(f"tag {name!r}: threshold must be a number between 0 and 1, got {th!r}")
+    spec.threshold = float(th)
+    spec.zh = entry.get("zh")
+    return spec
+
+
+def _resolve(path: str, base: str) -> str:
+    """Paths in a vocabulary file are relative to the file itself."""
+    if "://" in path or path.startswith("/") or not base:
+        return path
+    return base.rstrip("/") + "/" + path
+
+
+def _check_embeddings(name: str, emb: np.ndarray, dim: int) -> np.ndarray:
+    if emb.ndim == 1:
+        emb = emb[None, :]
+    if emb.ndim != 2 or emb.shape[1] != dim or emb.shape[0] == 0:
+        raise VocabularyError(f"tag {name!r}: embeddings must be [k, {dim}], got {list(emb.shape)}")
+    emb = emb.astype(np.float32)
+    if not np.isfinite(emb).all():
+        raise VocabularyError(f"tag {name!r}: embeddings contain NaN or infinity")
+    norms = np.linalg.norm(emb, axis=1)
+    if np.abs(norms - 1.0).max() > UNIT_TOLERANCE:
+        raise VocabularyError(f"tag {name!r}: embeddings must be unit vectors (norms {norms.min():.4f}..{norms.max():.4f})")
+    return emb
+
+
+def load_vocabulary(uri: str, builtin: Vocabulary, tower=None, cache=None) -> "VocabularyBuild":
+    """Parse, validate, encode what is new, and return the merged Vocabulary.
+
+    `tower`: a loaded TextTower to use instead of the file's `text_encoder` (only needed when
+    some tag has no embeddings); `cache`: an EmbeddingCache instead of the file's `cache`.
+    """
+    text = _read_text(uri)
+    try:
+        doc = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise VocabularyError(f"{uri} is not valid YAML: {e}") from None
+    if not isinstance(doc, dict):
+        raise VocabularyError(f"{uri}: expected a mapping with keys {sorted(FILE_KEYS)}")
+    unknown = set(doc) - FILE_KEYS
+    if unknown:
+        raise VocabularyError(f"{uri}: unknown keys {sorted(unknown)}; allowed: {sorted(FILE_KEYS)}")
+    base = uri.rsplit("/", 1)[0] if "/" in uri else ""
+
+    sel = doc.get("builtin", "all")
+    if sel == "all":
+        keep = list(range(len(builtin)))
+    elif sel in ("none", None):
+        keep = []
+    elif isinstance(sel, list):
+        index = {n: i for i, n in enumerate(builtin.names)}
+        missing = [s for s in sel if s not in index]
+        if missing:
+            raise VocabularyError(f"{uri}: builtin lists tags that are not built in: {missing[:10]}")
+        keep = [index[s] for s in sel]
+    else:
+        raise VocabularyError(f"{uri}: builtin must be 'all', 'none' or a list of tag names, got {sel!r}")
+
+    specs: list[TagSpec] = []
+    for imp in doc.get("import") or []:
+        specs.extend(read_llm_descriptions(_resolve(str(imp), base)))
+    specs.extend(_parse_tag(e, i, base) for i, e in enumerate(doc.get("tags") or []))
+
+    seen = {builtin.names[i]: "builtin" for i in keep}
+    for s in specs:
+        if not s.name:
+            raise VocabularyError(f"{s.where}: a tag has an empty name")
+        if s.name in seen:
+            raise VocabularyError(f"tag {s.name!r} is defined twice ({seen[s.name]} and {s.where})")
+        seen[s.name] = s.where
+
+    dim = builtin.embeds.shape[-1]
+    need_text = [s for s in specs if s.embeddings is None]
+    encoded = 0
+    tower_id = None
+    if need_text:
+        enc_uri = doc.get("text_encoder")
+        if tower is None:
+            if not enc_uri:
+                raise VocabularyError(
+                    f"tag {need_text[0].name!r} needs text encoding, but {uri} sets no text_encoder "
+                    f"(a CLIP ViT-B/16 folder in the Hugging Face layout)")
+            from .text_tower import TextTower
+
+            tower = TextTower(_resolve(str(enc_uri), base))
+        tower_id = tower.id
+        if cache is None and doc.get("cache"):
+            from .embedding_cache import EmbeddingCache
+
+            cache = EmbeddingCache(_resolve(str(doc["cache"]), base), tower.id)
+        texts = []
+        for s in need_text:
+            texts.extend(s.descriptions or [t.format(s.name) for t in TEMPLATES])
+        emb = cache.get_or_encode(texts, tower.encode) if cache is not None else tower.encode(texts)
+        encoded = len(texts) if cache is None else cache.misses
+        pos = 0
+        for s in need_text:
+            k = len(s.descriptions) or len(TEMPLATES)
+            block = emb[pos:pos + k]
+            pos += k
+            if not s.descriptions:  # prompt ensemble: one averaged description
+                block = block.mean(axis=0, keepdims=True)
+                block = block / np.linalg.norm(block, axis=1, keepdims=True)
+            s.embeddings = block
+    for s in specs:
+        s.embeddings = _check_embeddings(s.name, s.embeddings, dim)
+
+    counts = [int(builtin.mask[i].sum()) for i in keep] + [s.embeddings.shape[0] for s in specs]
+    d_max = max(counts) if counts else 1
+    c = len(counts)
+    embeds = torch.zeros(c, d_max, dim)
+    mask = torch.zeros(c, d_max, dtype=torch.bool)
+    if keep:
+        d_b = builtin.embeds.shape[1]
+        embeds[:len(keep), :d_b] = builtin.embeds[keep]
+        mask[:len(keep), :d_b] = builtin.mask[keep]
+    for j, s in enumerate(specs, start=len(keep)):
+        k = s.embeddings.shape[0]
+        embeds[j, :k] = torch.from_numpy(s.embeddings)
+        mask[j, :k] = True
+    vocab = Vocabulary(
+        names=[builtin.names[i] for i in keep] + [s.name for s in specs],
+        thresholds=np.concatenate([builtin.thresholds[keep], np.array([s.threshold for s in specs], dtype=np.float32)]),
+        zh=[builtin.zh[i] for i in keep] + [s.zh for s in specs],
+        embeds=embeds,
+        mask=mask,
+    )
+    return VocabularyBuild(vocab, num_builtin=len(keep), num_new=len(specs), texts_encoded=encoded,
+                           cache_hit_rate=cache.hit_rate if cache is not None else math.nan, tower_id=tower_id)
+
+
+@dataclass
+class VocabularyBuild:
+    vocabulary: Vocabulary
+    num_builtin: int
+    num_new: int
+    texts_encoded: int
+    cache_hit_rate: float
+    tower_id: str | None
