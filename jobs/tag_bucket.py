@@ -70,8 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)  # before the heavy imports: --help is instant
     _ensure_importable()
-    args = build_parser().parse_args(argv)
     from ramplus_core.errors import CheckpointError, ConfigError
     from ramplus_core.job.config import load_config, parse_set
 

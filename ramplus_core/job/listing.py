@@ -50,6 +50,7 @@ class Entry:
     etag: Optional[str]
     mtime: Optional[datetime]
     error: Optional[str] = None
+    folder: bool = False  # an error about a whole folder (always kept: it may hide images)
 
 
 class Fingerprint:
@@ -130,7 +131,7 @@ def _iter_local(root: str) -> Iterator[Entry]:
             with os.scandir(d) as it:
                 entries = sorted(it, key=lambda e: e.name)
         except OSError as e:
-            yield Entry(to_uri("file", d), None, None, None, f"folder could not be listed: {e.strerror or e}")
+            yield Entry(to_uri("file", d), None, None, None, f"folder could not be listed: {e.strerror or e}", True)
             continue
         subdirs = []
         for e in entries:
@@ -201,7 +202,7 @@ def _iter_fsspec(uri: str, storage: Storage, scheme: str) -> Iterator[Entry]:
                         _dt(info.get("mtime") or info.get("LastModified") or info.get("updated")))
         while errors:
             e = errors.pop()
-            yield Entry(to_uri(scheme, root), None, None, None, f"folder could not be listed: {e}")
+            yield Entry(to_uri(scheme, root), None, None, None, f"folder could not be listed: {e}", True)
 
 
 def _etag(info: dict) -> Optional[str]:
@@ -267,7 +268,7 @@ def list_inputs(inputs, storage: Storage, extensions: tuple[str, ...], staging_u
     for uri in inputs:
         n_in = 0
         for e in iter_entries(uri, storage):
-            if e.error is None and not has_extension(e.uri, exts):
+            if not e.folder and not has_extension(e.uri, exts):
                 res.skipped += 1
                 if len(res.skipped_examples) < 5:
                     res.skipped_examples.append(e.uri)

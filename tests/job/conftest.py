@@ -205,6 +205,7 @@ def mixed_dir(tmp_path_factory) -> Path:
         p = d / rel
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_bytes(data)
+    os.symlink("loop.jpg", d / "bad" / "loop.jpg")  # cannot be stat'ed: an error row of stage "list"
     return d
 
 

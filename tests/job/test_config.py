@@ -1,0 +1,196 @@
+"""Config validation, secrets redaction and the CLI's failures: all before any work starts."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from ramplus_core.errors import ConfigError
+from ramplus_core.job.config import JobConfig, describe_keys, load_config, parse_set, redacted
+from ramplus_core.job.storage import Storage, preflight
+
+from .conftest import CHECKPOINT, REPO
+
+
+def cfg_file(tmp_path, data) -> str:
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(data) if not isinstance(data, str) else data)
+    return str(p)
+
+
+def load(tmp_path, data, **kw):
+    kw.setdefault("inputs", [str(tmp_path)])
+    kw.setdefault("output", str(tmp_path.parent / "out"))
+    kw.setdefault("checkpoint", str(CHECKPOINT))
+    return load_config(cfg_file(tmp_path, data), **kw)
+
+
+def test_defaults_and_overrides(tmp_path):
+    cfg = load(tmp_path, {"decode": {"batch_size": 8}},
+               overrides=parse_set(["inference.batch_size=64", "decode.jpeg_draft=false", "layout.partition_by=[shard]"]))
+    assert isinstance(cfg, JobConfig)
+    assert cfg.decode.batch_size == 8 and cfg.inference.batch_size == 64
+    assert cfg.decode.jpeg_draft is False and cfg.layout.partition_by == ("shard",)
+    assert cfg.input == (str(tmp_path),)
+
+
+@pytest.mark.parametrize("data, key", [
+    ({"decode": {"jpg_draft": True}}, "decode.jpg_draft"),
+    ({"inferense": {}}, "inferense"),
+    ({"decode": {"batch_size": "8"}}, "decode.batch_size"),
+    ({"decode": {"batch_size": 0}}, "decode.batch_size"),
+    ({"decode": {"jpeg_draft": "yes"}}, "decode.jpeg_draft"),
+    ({"inference": {"score_floor": 1.5}}, "inference.score_floor"),
+    ({"inference": {"dtype": "int8"}}, "inference.dtype"),
+    ({"inference": {"device": "tpu"}}, "inference.device"),
+    ({"layout": {"partition_by": ["run_date", "uri"]}}, "layout.partition_by[1]"),
+    ({"layout": {"compression": "xz"}}, "layout.compression"),
+    ({"listing": {"extensions": ["jpg"]}}, "listing.extensions[0]"),
+    ({"run_id": "../escape"}, "run_id"),
+    ({"storage": ["x"]}, "storage"),
+    ({"vocabulary": {"tags_file": "/nonexistent/tags.txt"}}, "vocabulary.tags_file"),
+    ({"vocabulary": {"threshold": 0.5, "thresholds_file": __file__}}, "vocabulary.thresholds_file"),
+])
+def test_bad_values_name_the_key(tmp_path, data, key):
+    with pytest.raises(ConfigError) as e:
+        load(tmp_path, data)
+    assert key in str(e.value), str(e.value)
+
+
+def test_typo_suggests_the_known_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"did you mean 'decode\.jpeg_draft'"):
+        load(tmp_path, {"decode": {"jpeg_drafts": True}})
+
+
+def test_uris_are_checked(tmp_path):
+    with pytest.raises(ConfigError, match=r"input\[0\].*unsupported URI scheme"):
+        load(tmp_path, {}, inputs=["nosuchscheme://x/y"])
+    with pytest.raises(ConfigError, match=r"input\[1\].*inside input\[0\]"):
+        load(tmp_path, {}, inputs=["s3://bucket/photos", "s3://bucket/photos/2026/"])
+    with pytest.raises(ConfigError, match=r"output.*overlaps input\[0\]"):
+        load(tmp_path, {}, inputs=["s3://bucket/photos/"], output="s3://bucket/photos/tags/")
+    with pytest.raises(ConfigError, match=r"output: no output"):
+        load_config(cfg_file(tmp_path, {}), inputs=["/x"], checkpoint="/y")
+    with pytest.raises(ConfigError, match=r"input: no input"):
+        load_config(cfg_file(tmp_path, {}), output="/x", checkpoint="/y")
+    with pytest.raises(ConfigError, match=r"--config: file not found"):
+        load_config(str(tmp_path / "missing.yaml"))
+    with pytest.raises(ConfigError, match=r"top level must be a mapping"):
+        load_config(cfg_file(tmp_path, "- a\n- b\n"))
+
+
+def test_preflight_names_missing_paths(tmp_path):
+    storage = Storage()
+    cfg = load(tmp_path, {}, inputs=[str(tmp_path / "nope")])
+    with pytest.raises(ConfigError, match=r"input\[0\]: .*nope does not exist"):
+        preflight(cfg, storage)
+    cfg = load(tmp_path, {}, checkpoint=str(tmp_path / "missing.pth"))
+    with pytest.raises(ConfigError, match=r"checkpoint: .*missing.pth does not exist"):
+        preflight(cfg, storage)
+
+
+def test_preflight_s3_wrong_keys_and_missing_prefix(s3_server, tmp_path):
+    good = s3_server.storage_config()
+    cfg = load(tmp_path, {"storage": {**good, "secret_access_key": "wrong"}}, inputs=[f"s3://{s3_server.bucket}/"],
+               output=f"s3://{s3_server.bucket}-out/x/")
+    with pytest.raises(ConfigError, match=r"input\[0\]") as e:
+        preflight(cfg, Storage.from_config(cfg.storage, environ={}))
+    assert "wrong" not in str(e.value)
+    cfg = load(tmp_path, {"storage": good}, inputs=[f"s3://{s3_server.bucket}/no/such/prefix/"])
+    with pytest.raises(ConfigError, match=r"input\[0\]: s3://.*does not exist"):
+        preflight(cfg, Storage.from_config(cfg.storage, environ={}))
+
+
+def test_secrets_are_redacted(tmp_path):
+    cfg = load(tmp_path, {"storage": {"access_key_id": "AKIAEXAMPLE", "secret_access_key": "s3cr3t-value",
+                                      "endpoint_url": "http://127.0.0.1:9000"}},
+               inputs=["ftp://user:pa55word@host/photos/"])
+    d = redacted(cfg)
+    text = repr(d)
+    for secret in ("AKIAEXAMPLE", "s3cr3t-value", "pa55word"):
+        assert secret not in text
+    assert d["storage"]["secret_access_key"] == "***"
+    assert d["storage"]["endpoint_url"] == "http://127.0.0.1:9000"
+    st = Storage.from_config(cfg.storage, environ={})
+    assert "s3cr3t" not in repr(st) and "AKIA" not in repr(st)
+
+
+def test_storage_takes_the_aws_environment():
+    from ramplus_core.job.config import StorageConfig
+
+    env = {"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s", "AWS_ENDPOINT_URL": "http://h:1", "AWS_REGION": "r"}
+    st = Storage.from_config(StorageConfig(), environ=env)
+    assert (st.access_key_id, st.secret_access_key, st.endpoint_url, st.region) == ("k", "s", "http://h:1", "r")
+    assert Storage.from_config(StorageConfig(access_key_id="c", secret_access_key="d"), environ=env).access_key_id == "c"
+    with pytest.raises(ConfigError, match="give both or neither"):
+        Storage.from_config(StorageConfig(access_key_id="only"), environ={})
+
+
+def test_conf_files_load_and_document_every_key():
+    default = (REPO / "conf" / "default.yaml").read_text()
+    data = yaml.safe_load(default)
+    cfg = load_config(str(REPO / "conf" / "default.yaml"), require_uris=False)
+    assert cfg == JobConfig(), "conf/default.yaml must state the defaults"
+    for key in describe_keys():
+        section, _, name = key.rpartition(".")
+        node = data[section] if section else data
+        assert name in node, f"conf/default.yaml lacks {key}"
+        assert _commented(default, name), f"{key} has no comment above it (or above its group)"
+    sample = load_config(str(REPO / "conf" / "sample.yaml"), checkpoint=str(CHECKPOINT))
+    assert sample.input == ("ramplus_core/samples",)
+
+
+def _commented(text: str, name: str) -> bool:
+    """The key's line, or the run of key lines it is in, directly follows a comment."""
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
+        if re.match(rf"\s*{re.escape(name)}:", line):
+            j = i - 1
+            while j >= 0 and re.match(r"\s*\w+:", lines[j]) and not lines[j].rstrip().endswith(":"):
+                j -= 1
+            return j >= 0 and lines[j].lstrip().startswith("#")
+    return False
+
+
+# -- the command line --------------------------------------------------------------------------
+
+def run_cli(*args, timeout=120):
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    return subprocess.run([sys.executable, str(REPO / "jobs" / "tag_bucket.py"), *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_cli_help():
+    r = run_cli("--help")
+    assert r.returncode == 0
+    for word in ("--config", "--input", "--output", "--checkpoint", "--set", "_SUCCESS", "AWS_ACCESS_KEY_ID"):
+        assert word in r.stdout
+
+
+def test_cli_config_error_is_one_line_exit_2(tmp_path):
+    r = run_cli("--config", cfg_file(tmp_path, {"decode": {"max_byte": 1}}), "--input", str(tmp_path),
+                "--output", str(tmp_path / "out"), "--checkpoint", str(CHECKPOINT))
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0, r.stderr
+    assert r.stderr.startswith("tag_bucket: error: unknown key 'decode.max_byte'")
+
+
+def test_cli_bad_checkpoint_fails_fast_before_listing(tmp_path):
+    bad = tmp_path / "ram_plus.pth"
+    bad.write_bytes(b"PK\x03\x04 not really a zip")
+    t = time.monotonic()
+    r = run_cli("--input", str(REPO / "tests" / "golden" / "tiny" / "images"), "--output", str(tmp_path / "out"),
+                "--checkpoint", str(bad))
+    elapsed = time.monotonic() - t
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.startswith("tag_bucket: error: ") and r.stderr.strip().count("\n") == 0, r.stderr
+    assert "ram_plus.pth" in r.stderr
+    assert not (tmp_path / "out").exists(), "nothing may be listed or written"
+    assert "listed" not in r.stdout and "ray:" not in r.stdout
+    assert elapsed < 60
