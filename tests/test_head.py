@@ -21,9 +21,13 @@ REORDER_TOL = 1e-5  # measured up to 1.8e-6 (chunk size 1 vs one pass)
 
 # bf16 vs fp32 on all six golden images, measured: max |delta logit| 0.089 (0.077 of it
 # from the head: the tiny random model's fc weights are large, |w|_1 = 30 over 64 dims,
-# so bf16 rounding of its LayerNorm outputs shows), mean 0.025, max |delta p| ~0.02.
-# The golden thresholds sit within 0.001 of some probabilities, so 4 of 144 decisions flip
-# (97.2% equal), all of them within max |delta p| of their threshold.
+# so bf16 rounding of its LayerNorm outputs shows; the backbone alone gives 0.009), mean
+# 0.025, max |delta p| ~0.02. The golden thresholds sit within 0.001 of some
+# probabilities, so 4 of 144 decisions flip (97.2% equal), each within max |delta p| of its
+# threshold. Per image: rgb_640x480 0.089 / 2 flips, rgb_768x1024 0.051 / 1, gray 0.048 / 0,
+# rgba 0.051 / 1, palette 0.064 / 0, cmyk 0.074 / 0. The test runs three of them (bf16 on
+# CPU costs ~2 s per image for this tiny Swin): the worst one, rgba and cmyk.
+BF16_IMAGES = [0, 3, 5]
 BF16_MAX_ABS_LOGIT = 0.12
 BF16_MIN_DECISIONS_EQUAL = 0.95
 
@@ -108,14 +112,15 @@ def test_batch_independence(tiny_model, golden, golden_logits_ours, golden_token
 def test_bf16_path_close_to_fp32(golden, golden_logits_ours):
     model = load_tiny(golden, dtype="bf16")
     assert next(model.net.parameters()).dtype == torch.bfloat16
-    logits = model.logits(golden.pixels())
-    assert logits.dtype == torch.float32 and logits.shape == golden_logits_ours.shape
+    logits = model.logits(golden.pixels()[BF16_IMAGES])
+    fp32 = golden_logits_ours[BF16_IMAGES]
+    assert logits.dtype == torch.float32 and logits.shape == fp32.shape
 
-    delta = (logits - golden_logits_ours).abs()
+    delta = (logits - fp32).abs()
     assert delta.max().item() <= BF16_MAX_ABS_LOGIT, f"max |delta logit| {delta.max().item():.4f}"
 
     th = golden.thresholds
-    p32, p16 = torch.sigmoid(golden_logits_ours).numpy(), torch.sigmoid(logits).numpy()
+    p32, p16 = torch.sigmoid(fp32).numpy(), torch.sigmoid(logits).numpy()
     same = (p32 > th) == (p16 > th)
     assert same.mean() >= BF16_MIN_DECISIONS_EQUAL, f"{same.mean():.3f} of decisions equal"
     # every flip is a near-threshold call, not a wrong answer
