@@ -36,13 +36,14 @@ _DESCRIPTION = f"""\
 RAM++ (Recognize Anything Plus) image tagging.
 
 commands:
-  tag     tag images and print the tags over threshold with their scores
-  export  rewrite a checkpoint as safetensors, which loads much faster than the .pth
+  tag       tag images and print the tags over threshold with their scores
+  export    rewrite a checkpoint as safetensors, which loads much faster than the .pth
+  describe  write LLM descriptions of new tags for a vocabulary file (see its --help)
 
 Getting the checkpoint:
   {GET_IT}
 
-Run 'ramplus tag --help' or 'ramplus export --help' for each command's options.
+Run 'ramplus COMMAND --help' for each command's options.
 """
 
 _TAG_EPILOG = """\
@@ -76,7 +77,7 @@ class _Unusable(Exception):
 def _build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ramplus", description=_DESCRIPTION,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", metavar="{tag,export}")
+    sub = p.add_subparsers(dest="command", metavar="{tag,export,describe}")
     sub.required = True
 
     t = sub.add_parser("tag", help="tag images and print the tags over threshold",
@@ -96,6 +97,9 @@ def _build_parser() -> argparse.ArgumentParser:
                         "hardware and agrees on nearly all decisions (default fp32)")
     t.add_argument("--device", choices=("cpu", "cuda"), default=None,
                    help="where to run (default: cuda when available, else cpu)")
+    t.add_argument("--vocabulary", metavar="FILE",
+                   help="a vocabulary file (YAML: built-in tags, a subset or none, plus your own; see README, "
+                        "'Your own tags') instead of the checkpoint's built-in tags")
     t.add_argument("--thresholds-from", metavar="FILE", help="per-tag thresholds to use instead of the defaults (see below)")
 
     e = sub.add_parser("export", help="write a checkpoint as safetensors (fast to load)",
@@ -104,6 +108,9 @@ def _build_parser() -> argparse.ArgumentParser:
     e.add_argument("checkpoint", metavar="CKPT", help=_CHECKPOINT_HELP)
     e.add_argument("out", metavar="OUT.safetensors", help="where to write the export")
     e.add_argument("--fp16", action="store_true", help="store fp16 tensors: half the size; tags nearly always equal")
+
+    # parsed by describe.main (see main below); listed here so --help shows it
+    sub.add_parser("describe", help="write LLM descriptions of new tags (its own --help)", add_help=False)
     return p
 
 
@@ -196,6 +203,15 @@ def cmd_tag(args) -> int:
     if args.batch_size < 1:
         raise _Unusable("--batch-size must be at least 1")
     model = _load_model(args.checkpoint, args.device, args.dtype)
+    if args.vocabulary:
+        from .vocab_file import load_vocabulary
+
+        try:
+            model.set_vocabulary(load_vocabulary(args.vocabulary, model.vocabulary).vocabulary)
+        except RamPlusError as e:
+            raise _Unusable(_one_line(e)) from None
+        except OSError as e:
+            raise _Unusable(f"cannot read vocabulary {args.vocabulary}: {getattr(e, 'strerror', None) or e}") from None
     if args.thresholds_from:
         v = model.vocabulary
         v = replace(v, thresholds=read_thresholds(args.thresholds_from, v.names, v.thresholds))
@@ -267,6 +283,11 @@ def cmd_export(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["describe"]:  # its own parser, in describe.py
+        from .describe import main as describe_main
+
+        return describe_main(argv[1:])
     args = _build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="ramplus: %(message)s")
     # torch warns about the pickle protocol of files it is about to refuse anyway; the

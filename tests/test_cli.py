@@ -123,14 +123,15 @@ def test_help(capsys):
         main(["--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    for word in ("tag", "export", RELEASED_URL, "Getting the checkpoint"):
+    for word in ("tag", "export", "describe", RELEASED_URL, "Getting the checkpoint"):
         assert word in out
 
 
 # -- option details ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("command,words", [
-    ("tag", ["--json", "--zh", "--batch-size", "--dtype", "--device", "--thresholds-from", RELEASED_URL, "Exit status"]),
+    ("tag", ["--json", "--zh", "--batch-size", "--dtype", "--device", "--vocabulary", "--thresholds-from",
+             RELEASED_URL, "Exit status"]),
     ("export", ["--fp16", "OUT.safetensors", RELEASED_URL]),
 ])
 def test_command_help(capsys, command, words):
@@ -185,6 +186,40 @@ def test_export_fp16_in_process(capsys, golden, tmp_path):
 
     with safe_open(str(out), framework="pt") as f:
         assert {f.get_slice(k).get_dtype() for k in f.keys()} <= {"F16", "I64"}
+
+
+def test_vocabulary_file(capsys, golden, tiny_model, golden_logits_ours, tmp_path):
+    """Two built-in tags plus a new one made of tag_005's descriptions: it scores as tag_005."""
+    np.save(tmp_path / "mine.npy", tiny_model.vocabulary.embeds[5].numpy())
+    (tmp_path / "vocab.yaml").write_text(
+        "builtin: [tag_003, tag_007]\n"
+        "tags:\n"
+        "  - name: my tag\n"
+        "    embeddings: mine.npy\n"
+        "    threshold: 0.01\n"
+        "    zh: 我的标签\n")
+    code, out, err = _main(capsys, "tag", golden.image_paths[0], "-c", golden.checkpoint, "--json", "--zh",
+                           "--vocabulary", tmp_path / "vocab.yaml")
+    assert code == 0, err
+    row = json.loads(out)
+    assert set(row["tags"]) <= {"tag_003", "tag_007", "my tag"} and "my tag" in row["tags"]
+    i = row["tags"].index("my tag")
+    assert row["tags_zh"][i] == "我的标签"
+    assert row["scores"][i] == pytest.approx(torch.sigmoid(golden_logits_ours[0, 5]).item(), abs=1e-4)
+
+
+def test_bad_vocabulary_file_exit_2(capsys, golden, tmp_path):
+    (tmp_path / "vocab.yaml").write_text("builtin: all\ncolour: red\n")
+    code, out, err = _main(capsys, "tag", golden.image_paths[0], "-c", golden.checkpoint,
+                           "--vocabulary", tmp_path / "vocab.yaml")
+    assert code == 2 and out == "" and "unknown keys" in err and len(err.strip().splitlines()) == 1
+
+
+def test_describe_is_dispatched(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["describe", "--help"])
+    assert e.value.code == 0
+    assert "--endpoint" in capsys.readouterr().out
 
 
 # -- thresholds files ----------------------------------------------------------------------
