@@ -57,6 +57,57 @@ def free_ports(n: int, grpc_offset: int = 0) -> list[int]:
     raise RuntimeError("no free ports")
 
 
+def _session_processes(sid: int, zombies: bool = False) -> dict[int, int]:
+    """pid -> parent pid of every process in a session (zombies: also those not yet reaped)."""
+    out = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        state, ppid, session = fields[0], int(fields[1]), int(fields[3])
+        if session == sid and (zombies or state != "Z"):
+            out[int(entry)] = ppid
+    return out
+
+
+def stop_session(sid: int, grace_s: float = 5.0) -> None:
+    """Stop the processes of one session (ours), children before parents.
+
+    Parents then reap their children; killing the whole group at once would leave zombies
+    on machines whose init does not reap (as here). Signals go to these pids only.
+    """
+    procs = _session_processes(sid)
+    procs.pop(sid, None)  # the leader is the caller's child: the caller stops and reaps it
+
+    def depth(pid: int) -> int:
+        d = 0
+        while pid in procs and procs[pid] in procs and d < 64:
+            pid, d = procs[pid], d + 1
+        return d
+
+    for level in sorted({depth(p) for p in procs}, reverse=True):
+        batch = [p for p in procs if depth(p) == level]
+        for p in batch:
+            try:
+                os.kill(p, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        deadline = time.time() + grace_s
+        while time.time() < deadline and any(p in _session_processes(sid, zombies=True) for p in batch):
+            time.sleep(0.1)
+    for p in _session_processes(sid):
+        if p == sid:
+            continue
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 @dataclass
 class S3Server:
     endpoint: str
