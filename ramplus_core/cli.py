@@ -240,8 +240,12 @@ def cmd_tag(args) -> int:
         good = [d for d in decoded if not isinstance(d, ImageError)]
         rows = iter(())
         if good:
-            probs, on = model.decide(model.logits(normalize(np.stack([d.array for d in good]))))
-            rows = iter(zip(good, probs, on))
+            try:
+                probs, on = model.decide(model.logits(normalize(np.stack([d.array for d in good]))))
+                rows = iter(zip(good, probs, on))
+            except RuntimeError as e:  # e.g. out of memory: this batch fails, later ones may not
+                err = ImageError(f"inference failed for its batch: {_one_line(e)[:300]}", stage="infer")
+                decoded = [err if not isinstance(d, ImageError) else d for d in decoded]
         for image, d in zip(batch, decoded):
             if isinstance(d, ImageError):
                 report_error(image, d)
@@ -278,7 +282,7 @@ def cmd_export(args) -> int:
     print(f"wrote {args.out} ({size / 1e6:.1f} MB, {'fp16' if args.fp16 else 'fp32'}, "
           f"{len(again.vocabulary)} tags, model_id {again.model_id})")
     print(f"load time: source {t_source:.2f} s, export {t_export:.2f} s "
-          f"({t_source / max(t_export, 1e-9):.1f}x faster)")
+          f"(speedup {t_source / max(t_export, 1e-9):.1f}x)")
     return EXIT_OK
 
 
@@ -298,6 +302,9 @@ def main(argv: list[str] | None = None) -> int:
     except _Unusable as e:
         print(f"ramplus: error: {e}", file=sys.stderr)
         return EXIT_UNUSABLE
+    except BrokenPipeError:  # `ramplus tag ... | head`: the reader left, nothing to report
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_SOME_FAILED
     except KeyboardInterrupt:
         return 130
 

@@ -215,6 +215,25 @@ def test_bad_vocabulary_file_exit_2(capsys, golden, tmp_path):
     assert code == 2 and out == "" and "unknown keys" in err and len(err.strip().splitlines()) == 1
 
 
+def test_inference_failure_fails_only_its_batch(capsys, monkeypatch, golden):
+    real = RamPlus.logits
+    calls = []
+
+    def flaky(self, pixels):
+        calls.append(len(pixels))
+        if len(calls) == 1:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return real(self, pixels)
+
+    monkeypatch.setattr(RamPlus, "logits", flaky)
+    code, out, _ = _main(capsys, "tag", golden.image_paths[3], golden.image_paths[4], "-c", golden.checkpoint,
+                         "--json", "--batch-size", "1")
+    assert code == 1
+    first, second = (json.loads(line) for line in out.splitlines())
+    assert first["stage"] == "infer" and "out of memory" in first["error"]
+    assert second["tags"] and "error" not in second
+
+
 def test_describe_is_dispatched(capsys):
     with pytest.raises(SystemExit) as e:
         main(["describe", "--help"])
