@@ -60,6 +60,7 @@ def run_tool(prog: str, body: Callable[[], int]) -> int:
     except RamPlusError as e:
         print(f"{prog}: error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
         return 2
-    except (FileNotFoundError, PermissionError, IsADirectoryError) as e:
-        print(f"{prog}: error: {e.strerror or type(e).__name__}: {e.filename or e}", file=sys.stderr, flush=True)
+    except OSError as e:  # files, permissions, and storage clients (pyarrow's S3 errors are OSErrors)
+        what = f"{e.strerror}: {e.filename}" if e.strerror and e.filename else " ".join(str(e).split()) or type(e).__name__
+        print(f"{prog}: error: {what}", file=sys.stderr, flush=True)
         return 2

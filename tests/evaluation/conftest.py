@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest

@@ -11,7 +11,7 @@ from ramplus_core.evaluation.calibrate import best_threshold, calibrate, read_th
 from ramplus_core.evaluation.common import EvaluationError
 
 from .conftest import write_run
-from .synthetic import CLASSES, VOCAB, bench_errors, load_script, make_bench
+from .synthetic import bench_errors, load_script, make_bench
 
 calibrate_cli = load_script("calibrate")
 evaluate_cli = load_script("evaluate")

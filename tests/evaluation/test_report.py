@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ramplus_core.evaluation.report import build_report, sample_rows
+from ramplus_core.evaluation.report import sample_rows
 from ramplus_core.evaluation.results import open_run
 
 from . import browser
