@@ -121,6 +121,7 @@ class Tagger:
         self.names = np.asarray(names, dtype=object)
         self.score_floor = score_floor
         self.counter = counter
+        self.infer_s = 0.0  # time inside the model since the last report (busy time)
         self.info = {
             "pid": os.getpid(),
             "node_id": ray.get_runtime_context().get_node_id(),
@@ -142,18 +143,17 @@ class Tagger:
         from ..preprocess import normalize
 
         n = batch.num_rows
-        cols = batch.to_pydict()
+        cols = batch.drop_columns(["pixels"]).to_pydict()
         tags: list = [None] * n
         scores: list = [None] * n
         error = list(cols["error"])
         stage = list(cols["stage"])
         ok = [i for i in range(n) if error[i] is None]
         if ok:
-            pixels = np.stack([np.frombuffer(cols["pixels"][i], dtype=np.uint8) for i in ok])
-            if pixels.shape[1] != PIXEL_BYTES:
-                raise RuntimeError(f"decoded pixels have {pixels.shape[1]} bytes, expected {PIXEL_BYTES}")
-            pixels = pixels.reshape(len(ok), 384, 384, 3)
+            pixels = _pixels(batch.column("pixels"), len(ok))
+            t0 = time.perf_counter()
             results = self._infer(pixels, ok, error, stage, torch, normalize)
+            self.infer_s += time.perf_counter() - t0
             for i, (t, s) in results.items():
                 tags[i], scores[i] = t, s
         out = {k: cols[k] for k in ("uri", "size", "etag", "mtime", "width", "height")}
@@ -164,7 +164,8 @@ class Tagger:
             for s, e in zip(stage, error):
                 if e is not None:
                     by_stage[s] = by_stage.get(s, 0) + 1
-            self.counter.add.remote(n - n_err, n_err, by_stage, self.prepare_calls)
+            self.counter.add.remote(n - n_err, n_err, by_stage, self.prepare_calls, self.infer_s)
+            self.infer_s = 0.0
         return pa.table(out, schema=INFERRED_SCHEMA)
 
     def _infer(self, pixels, ok, error, stage, torch, normalize) -> dict:
@@ -182,7 +183,12 @@ class Tagger:
         return results
 
     def _probs(self, pixels: np.ndarray, normalize) -> np.ndarray:
-        logits = self.model.logits(normalize(pixels))
+        import warnings
+
+        with warnings.catch_warnings():  # a read-only view of the batch: normalize copies, never writes it
+            warnings.simplefilter("ignore", UserWarning)
+            x = normalize(pixels)
+        logits = self.model.logits(x)
         probs, _ = self.model.decide(logits)
         if not np.isfinite(probs).all():
             raise FloatingPointError("non-finite scores")
@@ -200,6 +206,21 @@ class Tagger:
             out.append(([str(self.names[k]) for k in keep if on[k]],
                         [{"tag": str(self.names[k]), "score": float(p[k])} for k in keep]))
         return out
+
+
+def _pixels(column: pa.ChunkedArray, n_ok: int) -> np.ndarray:
+    """The ok rows' pixels as one [n, 384, 384, 3] view of the Arrow buffer (no per-row copies).
+
+    Error rows hold empty values, so the values buffer is exactly the ok rows' pixels, in order.
+    """
+    arr = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+    offsets = np.frombuffer(arr.buffers()[1], dtype=np.int64)[arr.offset:arr.offset + len(arr) + 1]
+    lengths = np.diff(offsets)
+    if not np.all((lengths == 0) | (lengths == PIXEL_BYTES)) or int((lengths > 0).sum()) != n_ok:
+        raise RuntimeError(f"decoded pixels have unexpected sizes {sorted(set(lengths.tolist()))}, "
+                           f"expected {PIXEL_BYTES} per image")
+    data = np.frombuffer(arr.buffers()[2], dtype=np.uint8)[offsets[0]:offsets[-1]]
+    return data.reshape(n_ok, 384, 384, 3)
 
 
 def _rss() -> Optional[int]:

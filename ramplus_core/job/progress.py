@@ -25,26 +25,37 @@ class ProgressCounter:
         self.by_stage: dict = {}
         self.actors: list = []
         self.prepare_calls = 0
-        self.first = None
+        self.infer_s = 0.0
+        self.first = None  # wall time when the first batch finished inference
+        self.first_n = 0  # rows of that batch
         self.last = None
 
-    def add(self, tagged: int, errors: int, by_stage: dict, prepare_calls: int = 0) -> None:
+    def add(self, tagged: int, errors: int, by_stage: dict, prepare_calls: int = 0, infer_s: float = 0.0) -> None:
         now = time.time()
-        self.first = self.first or now
+        if self.first is None:
+            self.first, self.first_n = now, tagged + errors
         self.last = now
         self.tagged += tagged
         self.errors += errors
         for k, v in by_stage.items():
             self.by_stage[k] = self.by_stage.get(k, 0) + v
         self.prepare_calls = max(self.prepare_calls, prepare_calls)
+        self.infer_s += infer_s
 
     def actor_ready(self, info: dict) -> None:
         self.actors.append(info)
 
     def snapshot(self) -> dict:
         return {"tagged": self.tagged, "errors": self.errors, "by_stage": dict(self.by_stage),
-                "actors": list(self.actors), "prepare_calls": self.prepare_calls,
-                "first": self.first, "last": self.last}
+                "actors": list(self.actors), "prepare_calls": self.prepare_calls, "infer_s": self.infer_s,
+                "first": self.first, "first_n": self.first_n, "last": self.last}
+
+
+def steady_rate(snap: dict) -> float:
+    """Images/s between the first and the last finished batch: throughput without start-up."""
+    if not snap.get("first") or not snap.get("last") or snap["last"] <= snap["first"]:
+        return 0.0
+    return (snap["tagged"] + snap["errors"] - snap["first_n"]) / (snap["last"] - snap["first"])
 
 
 class ProgressReporter:
@@ -99,7 +110,8 @@ def summary_table(m: dict) -> str:
         ("skipped (not images)", c["skipped"]),
         ("invariant", "ok: every listed image is in exactly one of tags/ or errors/"
          if m["invariant"]["ok"] else f"VIOLATED: {m['invariant']['detail']}"),
-        ("images/s (pipeline)", f"{m['images_per_s']:.2f}"),
+        ("images/s", f"{m['images_per_s']:.2f} over the pipeline, {m.get('steady_images_per_s', 0):.2f} "
+                     "first to last batch"),
         ("time: total", f"{t['total']:.1f}s"),
         ("time: checkpoint", f"{t.get('checkpoint', 0):.1f}s"),
         ("time: listing", f"{t.get('listing', 0):.1f}s"),

@@ -34,7 +34,7 @@ from . import manifest as mf
 from .config import JobConfig, VocabularyConfig, redact_uri, redacted
 from .inference import Tagger, materialize_checkpoint
 from .listing import Fingerprint, ListingResult, list_inputs, read_listing_uris
-from .progress import ProgressCounter, ProgressReporter, progress_line, summary_table
+from .progress import ProgressCounter, ProgressReporter, progress_line, steady_rate, summary_table
 from .reader import fetch_decode
 from .storage import Storage, join, preflight
 from .writer import ERRORS_SCHEMA, TAGS_SCHEMA, TagsDatasink
@@ -440,6 +440,10 @@ def run(cfg: JobConfig, emit: Callable[[str], None] = print) -> RunResult:
                    "per_input": {redact_uri(k): v for k, v in listing.per_input.items()}},
         "invariant": {k: check.get(k) for k in ("ok", "detail", "listing_fingerprint", "output_fingerprint")},
         "images_per_s": done / timings["pipeline"] if timings["pipeline"] > 0 and done else 0.0,
+        "steady_images_per_s": steady_rate(snap),
+        # seconds the actors spent inside the model: images / inference_s is the model-only
+        # rate as it ran inside this job (busy time / actors / pipeline time = actor utilisation)
+        "inference_s": round(snap.get("infer_s", 0.0), 3),
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
         "resources": dataclasses.asdict(plan),
         "actors": snap.get("actors", []),
