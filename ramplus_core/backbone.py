@@ -57,6 +57,12 @@ class SwinEncoder(nn.Module):
             mlp_ratio=cfg.mlp_ratio,
             num_classes=0,
         )
+        # timm keeps Swin's fused attention behind an "experimental" switch; it computes
+        # the same softmax(QK^T + bias + mask)V (golden logits unchanged) and avoids
+        # materialising the biased scores, so we turn it on for every window attention.
+        for m in self.swin.modules():
+            if hasattr(m, "fused_attn"):
+                m.fused_attn = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         grid = self.swin.forward_features(x)  # [N, H, W, C], final LayerNorm applied
