@@ -54,7 +54,7 @@ def run_tool(prog: str, body: Callable[[], int]) -> int:
     def warn(message, category, filename, lineno, file=None, line=None):
         print(f"{prog}: warning: {message}", file=sys.stderr, flush=True)
 
-    warnings.showwarning = warn
+    saved, warnings.showwarning = warnings.showwarning, warn
     try:
         return body()
     except RamPlusError as e:
@@ -64,3 +64,5 @@ def run_tool(prog: str, body: Callable[[], int]) -> int:
         what = f"{e.strerror}: {e.filename}" if e.strerror and e.filename else " ".join(str(e).split()) or type(e).__name__
         print(f"{prog}: error: {what}", file=sys.stderr, flush=True)
         return 2
+    finally:
+        warnings.showwarning = saved
