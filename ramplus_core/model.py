@@ -17,7 +17,7 @@ from torch import nn
 
 from .backbone import SwinEncoder
 from .checkpoint import LoadedCheckpoint, ModelConfig, check_state, load
-from .errors import CheckpointError
+from .errors import CheckpointError, ImageError
 from .head import PreparedVocabulary, TaggingHead
 from .preprocess import DecodeLimits, ImageInput, decode_any, normalize
 from .vocabulary import Vocabulary
@@ -48,9 +48,12 @@ class TagResult:
     zh: list[str | None]
     width: int
     height: int
+    error: str | None = None  # set when this image could not be decoded; tags are then empty
 
     def as_dict(self, zh: bool = False) -> dict:
         d = {"tags": self.tags, "scores": [round(s, 4) for s in self.scores], "width": self.width, "height": self.height}
+        if self.error:
+            d["error"] = self.error
         if zh:
             d["tags_zh"] = self.zh
         return d
@@ -172,15 +175,30 @@ class RamPlus:
 
     def tag(self, images: Iterable[ImageInput], batch_size: int = 8,
             limits: DecodeLimits = DecodeLimits()) -> list[TagResult]:
-        """Bytes, paths or PIL images -> tags over threshold with scores, sorted by score."""
+        """Bytes, paths or PIL images -> tags over threshold with scores, sorted by score.
+
+        One result per input, in order; an image that cannot be decoded gets a result with
+        `error` set instead of failing the others.
+        """
         items = list(images)
         results: list[TagResult] = []
         for start in range(0, len(items), batch_size):
-            decoded = [decode_any(x, limits) for x in items[start:start + batch_size]]
-            pixels = normalize(np.stack([d.array for d in decoded]))
-            probs, on = self.decide(self.logits(pixels))
-            for d, p, o in zip(decoded, probs, on):
-                results.append(self._result(p, o, d.width, d.height))
+            decoded: list = []
+            for x in items[start:start + batch_size]:
+                try:
+                    decoded.append(decode_any(x, limits))
+                except ImageError as e:
+                    decoded.append(e)
+            good = [d for d in decoded if not isinstance(d, ImageError)]
+            if good:
+                probs, on = self.decide(self.logits(normalize(np.stack([d.array for d in good]))))
+                scored = iter(zip(good, probs, on))
+            for d in decoded:
+                if isinstance(d, ImageError):
+                    results.append(TagResult([], [], [], 0, 0, error=d.reason))
+                else:
+                    _, p, o = next(scored)
+                    results.append(self._result(p, o, d.width, d.height))
         return results
 
     def _result(self, probs: np.ndarray, on: np.ndarray, width: int, height: int) -> TagResult:

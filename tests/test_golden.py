@@ -80,3 +80,11 @@ def test_tag_api_on_bytes_and_pil_in_one_batch(golden, tiny_model):
     results = tiny_model.tag([cmyk.read_bytes(), Image.open(io.BytesIO(gray.read_bytes()))])
     assert [_sorted(r.tags) for r in results] == [golden.expected_tags[5], golden.expected_tags[2]]
     assert [(r.width, r.height) for r in results] == [(400, 400), (500, 300)]
+
+
+def test_tag_reports_a_bad_image_and_tags_the_rest(tiny_model, golden):
+    good = golden.image_paths[0]
+    results = tiny_model.tag([b"not an image", str(good), b""], batch_size=8)
+    assert [bool(r.error) for r in results] == [True, False, True]
+    assert "not an image" in results[0].error and "empty" in results[2].error
+    assert sorted(results[1].tags) == golden.expected_tags[0]
