@@ -102,7 +102,8 @@ class Tagger:
         prepared = PreparedVocabulary.from_numpy(arrays)
         path = materialize_checkpoint(checkpoint, storage)
         model = RamPlus.from_checkpoint(path, device=device, dtype=dtype, chunk_size=chunk_size, prepared=prepared)
-        if model.model_id != model_id:
+        # model_id hashes the weights as held in memory; verify only where that is the driver's fp32
+        if model.dtype == torch.float32 and model.model_id != model_id:
             raise RuntimeError(f"the checkpoint this worker loaded ({checkpoint}) has model_id {model.model_id}, "
                                f"the driver's has {model_id}: the file differs between nodes")
         vocab = Vocabulary(names=list(names), thresholds=np.asarray(thresholds, dtype=np.float32),
@@ -118,7 +119,8 @@ class Tagger:
 
         model.prepare_vocabulary = counted_prepare
         self.model = model
-        self.names = np.asarray(names, dtype=object)
+        self.names = list(names)
+        self.names_arrow = pa.array(self.names, pa.string())
         self.score_floor = score_floor
         self.counter = counter
         self.infer_s = 0.0  # time inside the model since the last report (busy time)
@@ -138,74 +140,105 @@ class Tagger:
             counter.actor_ready.remote(self.info)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        import torch
-
-        from ..preprocess import normalize
-
         n = batch.num_rows
-        cols = batch.drop_columns(["pixels"]).to_pydict()
-        tags: list = [None] * n
-        scores: list = [None] * n
-        error = list(cols["error"])
-        stage = list(cols["stage"])
-        ok = [i for i in range(n) if error[i] is None]
-        if ok:
-            pixels = _pixels(batch.column("pixels"), len(ok))
+        error = batch.column("error").to_pylist()
+        stage = batch.column("stage").to_pylist()
+        ok = np.asarray([i for i in range(n) if error[i] is None], dtype=np.int64)
+        probs = np.full((n, len(self.names)), np.nan, dtype=np.float32)
+        if len(ok):
             t0 = time.perf_counter()
-            results = self._infer(pixels, ok, error, stage, torch, normalize)
+            got, failures = self._infer(_pixels(batch.column("pixels"), len(ok)))
             self.infer_s += time.perf_counter() - t0
-            for i, (t, s) in results.items():
-                tags[i], scores[i] = t, s
-        out = {k: cols[k] for k in ("uri", "size", "etag", "mtime", "width", "height")}
-        out.update(tags=tags, scores=scores, error=error, stage=stage)
+            probs[ok] = got
+            for j, reason in failures:
+                error[ok[j]], stage[ok[j]] = reason, "infer"
+        is_err = np.asarray([e is not None for e in error], dtype=bool)
+        tags, scores = self._lists(probs, is_err)
+        cols = [batch.column(k) for k in ("uri", "size", "etag", "mtime", "width", "height")]
+        out = pa.Table.from_arrays(cols + [tags, scores, pa.array(error, pa.string()), pa.array(stage, pa.string())],
+                                   schema=INFERRED_SCHEMA)
         if self.counter is not None:
-            n_err = sum(e is not None for e in error)
             by_stage: dict = {}
-            for s, e in zip(stage, error):
+            for st, e in zip(stage, error):
                 if e is not None:
-                    by_stage[s] = by_stage.get(s, 0) + 1
+                    by_stage[st] = by_stage.get(st, 0) + 1
+            n_err = int(is_err.sum())
             self.counter.add.remote(n - n_err, n_err, by_stage, self.prepare_calls, self.infer_s)
             self.infer_s = 0.0
-        return pa.table(out, schema=INFERRED_SCHEMA)
+        return out
 
-    def _infer(self, pixels, ok, error, stage, torch, normalize) -> dict:
+    def _infer(self, pixels: np.ndarray) -> tuple[np.ndarray, list]:
         """Whole batch first; if it fails, one image at a time so one bad input costs one row."""
         try:
-            return dict(zip(ok, self._rows(self._probs(pixels, normalize))))
+            return self._probs(pixels), []
         except Exception:  # noqa: BLE001
             pass
-        results = {}
-        for j, i in enumerate(ok):
+        out = np.full((len(pixels), len(self.names)), np.nan, dtype=np.float32)
+        failures = []
+        for j in range(len(pixels)):
             try:
-                results[i] = self._rows(self._probs(pixels[j:j + 1], normalize))[0]
+                out[j] = self._probs(pixels[j:j + 1])[0]
             except Exception as e:  # noqa: BLE001 - recorded as this image's error row
-                error[i], stage[i] = f"inference failed: {type(e).__name__}: {str(e)[:300]}", "infer"
-        return results
+                failures.append((j, f"inference failed: {type(e).__name__}: {str(e)[:300]}"))
+        return out, failures
 
-    def _probs(self, pixels: np.ndarray, normalize) -> np.ndarray:
-        import warnings
-
-        with warnings.catch_warnings():  # a read-only view of the batch: normalize copies, never writes it
-            warnings.simplefilter("ignore", UserWarning)
-            x = normalize(pixels)
-        logits = self.model.logits(x)
-        probs, _ = self.model.decide(logits)
+    def _probs(self, pixels: np.ndarray) -> np.ndarray:
+        probs, _ = self.model.decide(self.model.logits(to_model_input(pixels, self.model.device)))
         if not np.isfinite(probs).all():
             raise FloatingPointError("non-finite scores")
-        return probs
+        return probs.astype(np.float32, copy=False)
 
-    def _rows(self, probs: np.ndarray) -> list:
+    def _lists(self, probs: np.ndarray, is_err: np.ndarray) -> tuple[pa.Array, pa.Array]:
+        """`tags` and `scores` list columns for a batch, built as arrays (no Python object per score).
+
+        Scores keep every tag at or over the floor plus every tag that is on, so `tags` is
+        always a subset of `scores`; both are sorted by score, highest first.
+        """
         thr = self.model.vocabulary.thresholds
-        out = []
-        for p in probs:
-            on = p > thr
-            # scores: every tag at or over the floor, plus any tag that is on (so `tags` is
-            # always a subset of `scores`, even with a floor above some thresholds)
-            keep = np.flatnonzero((p >= self.score_floor) | on)
-            keep = keep[np.argsort(-p[keep], kind="stable")]
-            out.append(([str(self.names[k]) for k in keep if on[k]],
-                        [{"tag": str(self.names[k]), "score": float(p[k])} for k in keep]))
-        return out
+        p = np.where(is_err[:, None], 0.0, probs)
+        on = (p > thr[None, :]) & ~is_err[:, None]
+        keep = ((p >= self.score_floor) | on) & ~is_err[:, None]
+        order = np.argsort(-p, axis=1, kind="stable")
+        keep_s = np.take_along_axis(keep, order, 1)
+        on_s = np.take_along_axis(on, order, 1)
+        p_s = np.take_along_axis(p, order, 1)
+        mask = pa.array(is_err)
+        score_values = pa.StructArray.from_arrays(
+            [self.names_arrow.take(pa.array(order[keep_s])), pa.array(p_s[keep_s], pa.float32())],
+            fields=list(SCORE_TYPE))
+        scores = pa.ListArray.from_arrays(_offsets(keep_s.sum(1)), score_values, mask=mask)
+        tags = pa.ListArray.from_arrays(_offsets(on_s.sum(1)), self.names_arrow.take(pa.array(order[on_s])), mask=mask)
+        return tags, scores
+
+
+def _offsets(counts: np.ndarray) -> pa.Array:
+    return pa.array(np.concatenate([[0], np.cumsum(counts)]).astype(np.int32), pa.int32())
+
+
+def to_model_input(pixels: np.ndarray, device) -> "torch.Tensor":  # noqa: F821
+    """uint8 NHWC -> normalised float NCHW on `device`, as `preprocess.normalize` computes it.
+
+    On a GPU the uint8 batch is moved first (a quarter of the bytes of float32) and
+    normalised there; on the CPU this is bit for bit `preprocess.normalize` (same ops, same
+    order, tested), without its warning about the read-only view of the Arrow buffer.
+    """
+    import torch
+
+    from ..preprocess import MEAN, STD
+
+    x = torch.from_numpy(np.ascontiguousarray(pixels)) if pixels.flags.writeable else _readonly(pixels, torch)
+    x = x.to(device, non_blocking=True).permute(0, 3, 1, 2).to(torch.float32).div_(255.0)
+    mean = torch.tensor(MEAN, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(STD, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
+    return x.sub_(mean).div_(std)
+
+
+def _readonly(pixels: np.ndarray, torch):
+    import warnings
+
+    with warnings.catch_warnings():  # torch warns about read-only arrays; nothing here writes to it
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(pixels)
 
 
 def _pixels(column: pa.ChunkedArray, n_ok: int) -> np.ndarray:

@@ -210,8 +210,10 @@ def plan_resources(cfg: JobConfig) -> Plan:
         raise ConfigError(f"inference.actors x inference.num_cpus = {actors} x {ic.num_cpus:g} leaves {spare:g} of the "
                           f"cluster's {cpus:g} CPUs for decoding and writing; lower one of them")
     threads = ic.torch_threads
-    if threads is None and device == "cpu":
-        threads = max(1, int(cpus // actors))
+    if threads is None:
+        # CPU replicas get the machine (decoding is a few % of Swin-L's cost); a GPU replica
+        # only feeds its GPU, and torch's default (all cores) would fight the decode tasks.
+        threads = max(1, int(cpus // actors)) if device == "cpu" else max(1, int(ic.num_cpus))
     return Plan(cpus, gpus, nodes, actors, gpa, ic.num_cpus, device, ic.dtype, threads,
                 cfg.decode.num_cpus, cfg.decode.tasks)
 
