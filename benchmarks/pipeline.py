@@ -114,6 +114,21 @@ def bench_decode(model, n_images: int, repeats: int, full_model=None) -> dict:
     return res
 
 
+def decode_rate(files: list[Path]) -> float:
+    import torch
+
+    from ramplus_core.preprocess import DecodeLimits, decode
+
+    torch.set_num_threads(1)
+    data = [p.read_bytes() for p in files]
+    limits = DecodeLimits(jpeg_draft=True)
+    decode(data[0], limits)
+    t = time.perf_counter()
+    for d in data:
+        decode(d, limits)
+    return len(data) / (time.perf_counter() - t)
+
+
 def model_only(model, files: list[Path], batch: int, threads: int, jpeg_draft: bool) -> float:
     """Images/s of RamPlus.logits alone over pre-decoded images (first batch is a warm-up)."""
     import torch
@@ -185,6 +200,7 @@ def main() -> None:
     from ramplus_core import RamPlus
 
     cpus = os.cpu_count() or 1
+    load0 = os.getloadavg()[0]
     threads = cpus  # what the job gives its single CPU actor (cluster CPUs / actors)
     lines = [f"Measured {time.strftime('%Y-%m-%d %H:%M')} on {cpus} CPU cores ({torch.backends.cpu.get_cpu_capability()}), "
              f"load average before start {os.getloadavg()[0]:.1f}; torch {torch.__version__}, ray {ray.__version__}.", "",
@@ -215,6 +231,8 @@ def main() -> None:
     small.mkdir()
     for p in files[:8]:
         (small / p.name).write_bytes(p.read_bytes())
+    lines.append(row("decode 640x480 JPEG", f"{decode_rate(files[:48]):.0f} images/s per core",
+                     "the synthetic job images (draft mode changes nothing below 1536 px)"))
     mo = model_only(tiny, files, args.batch, threads, jpeg_draft=True)
     lines.append(row("model only, tiny", f"{mo:.2f} images/s", f"RamPlus.logits, batch {args.batch}, {threads} threads"))
 
@@ -265,7 +283,11 @@ def main() -> None:
         lines.append(row("full: model load per actor", f"{fa['load_s']:.1f} s", f"actor RSS {fa['rss_bytes'] / 2**30:.2f} GiB"))
     ray.shutdown()
     lines.append("")
-    lines.append(f"Benchmark wall time {time.perf_counter() - t_all:.0f} s.")
+    lines.append(f"Benchmark wall time {time.perf_counter() - t_all:.0f} s; load average at the end "
+                 f"{os.getloadavg()[0]:.1f}.")
+    if max(load0, os.getloadavg()[0]) > cpus + 1:
+        lines.append(f"WARNING: other work kept more than {cpus} cores busy during this run; the rates above "
+                     "(and their ratios) are not reliable. Rerun on an idle machine.")
     print("\n".join(lines))
 
 

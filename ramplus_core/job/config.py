@@ -38,6 +38,10 @@ def _non_negative(v) -> Optional[str]:
     return None if v >= 0 else "must be >= 0"
 
 
+def _retry_count(v) -> Optional[str]:
+    return None if v >= -1 else "must be >= 0, or -1 for unlimited"
+
+
 def _unit_interval(v) -> Optional[str]:
     return None if 0.0 <= v <= 1.0 else "must be between 0 and 1"
 
@@ -55,6 +59,8 @@ class StorageConfig:
     secret_access_key: Optional[str] = None
     session_token: Optional[str] = None
     region: Optional[str] = None
+    # attempts per request of the Parquet client (data files, listing shards, manifests)
+    max_attempts: int = field(default=10, metadata=_check(_positive))
 
 
 @dataclass(frozen=True)
@@ -66,8 +72,9 @@ class ListingConfig:
 @dataclass(frozen=True)
 class FetchConfig:
     threads: int = field(default=8, metadata=_check(_positive))
-    retries: int = field(default=3, metadata=_check(_non_negative))
-    backoff_s: float = field(default=0.5, metadata=_check(_non_negative))
+    retries: int = field(default=6, metadata=_check(_non_negative))
+    backoff_s: float = field(default=1.0, metadata=_check(_non_negative))
+    max_backoff_s: float = field(default=10.0, metadata=_check(_non_negative))
 
 
 @dataclass(frozen=True)
@@ -91,10 +98,14 @@ class InferenceConfig:
     dtype: str = "fp32"
     chunk_size: int = field(default=1024, metadata=_check(_positive))
     score_floor: float = field(default=0.1, metadata=_check(_unit_interval))
+    # Ray restarts a crashed replica and re-sends its batch, this many times (-1: forever)
+    max_restarts: int = field(default=5, metadata=_check(_retry_count))
+    max_task_retries: int = field(default=3, metadata=_check(_retry_count))
 
 
 @dataclass(frozen=True)
 class VocabularyConfig:
+    file: Optional[str] = None
     tags: Optional[tuple[str, ...]] = None
     tags_file: Optional[str] = None
     threshold: Optional[float] = field(default=None, metadata=_check(_unit_interval))
@@ -111,6 +122,20 @@ class LayoutConfig:
 
 
 @dataclass(frozen=True)
+class IncrementalConfig:
+    retry_stages: tuple[str, ...] = ("list", "fetch", "infer")
+    resume: bool = True
+    stale_after_s: float = field(default=120.0, metadata=_check(_positive))
+    compact_after: int = field(default=30, metadata=_check(_positive))
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    image_tokens: bool = False
+    token_dtype: str = "fp16"
+
+
+@dataclass(frozen=True)
 class RayConfig:
     address: Optional[str] = None
     num_cpus: Optional[int] = field(default=None, metadata=_check(_positive))
@@ -124,6 +149,7 @@ class JobConfig:
     output: Optional[str] = None
     checkpoint: Optional[str] = None
     run_id: Optional[str] = None
+    mode: str = "missing"
     storage: StorageConfig = StorageConfig()
     listing: ListingConfig = ListingConfig()
     fetch: FetchConfig = FetchConfig()
@@ -131,6 +157,8 @@ class JobConfig:
     inference: InferenceConfig = InferenceConfig()
     vocabulary: VocabularyConfig = VocabularyConfig()
     layout: LayoutConfig = LayoutConfig()
+    incremental: IncrementalConfig = IncrementalConfig()
+    cache: CacheConfig = CacheConfig()
     ray: RayConfig = RayConfig()
 
 
@@ -152,6 +180,8 @@ def _type_name(tp) -> str:
 
 
 def _coerce(tp, value, key: str):
+    if key.rsplit(".", 1)[-1] in SECRET_KEYS and not (value is None or (isinstance(value, str) and value.strip())):
+        raise ConfigError(f"{key}: must be a non-empty string (value not shown: it is a secret)")
     inner, optional = _unwrap_optional(tp)
     if value is None:
         if optional:
@@ -221,6 +251,23 @@ def _set_dotted(d: dict, dotted: str, value) -> None:
     cur[parts[-1]] = value
 
 
+def yaml_problem(e: "yaml.YAMLError") -> str:
+    """One line for a YAML error; a language-specific tag (`!!python/object`) is named as refused.
+
+    Files are read with yaml.safe_load, which builds plain values only; such a tag in a job
+    config is either a mistake or an attempt to run code, and "not valid YAML" hides which.
+    """
+    where = ""
+    mark = getattr(e, "problem_mark", None)
+    if mark is not None:
+        where = f" (line {mark.line + 1}, column {mark.column + 1})"
+    if isinstance(e, yaml.constructor.ConstructorError) and "constructor for the tag" in str(getattr(e, "problem", "")):
+        tag = re.search(r"tag '([^']*)'", e.problem)
+        return (f"refused: the YAML tag {tag.group(1) if tag else ''!r}{where} would build a program object; "
+                "only plain values, lists and mappings are allowed")
+    return f"not valid YAML{where}: {' '.join(str(getattr(e, 'problem', None) or e).split())}"
+
+
 def parse_set(items: list[str]) -> list[tuple[str, Any]]:
     """`key.sub=value` strings; values are parsed as YAML so `true`, `8` and `[a, b]` work."""
     out = []
@@ -231,12 +278,13 @@ def parse_set(items: list[str]) -> list[tuple[str, Any]]:
         try:
             out.append((k.strip(), yaml.safe_load(v) if v.strip() else None))
         except yaml.YAMLError as e:
-            raise ConfigError(f"--set {k}: value is not valid YAML: {e}") from None
+            raise ConfigError(f"--set {k}: {yaml_problem(e)}") from None
     return out
 
 
 def load_config(path: Optional[str] = None, *, inputs: Optional[list[str]] = None, output: Optional[str] = None,
                 checkpoint: Optional[str] = None, run_id: Optional[str] = None,
+                vocab: Optional[str] = None, mode: Optional[str] = None,
                 overrides: Optional[list[tuple[str, Any]]] = None, require_uris: bool = True) -> JobConfig:
     """YAML file (optional), then `--set` overrides, then the explicit flags; then validate."""
     data: dict = {}
@@ -247,7 +295,7 @@ def load_config(path: Optional[str] = None, *, inputs: Optional[list[str]] = Non
         try:
             loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
         except yaml.YAMLError as e:
-            raise ConfigError(f"--config {path}: not valid YAML: {e}") from None
+            raise ConfigError(f"--config {path}: {yaml_problem(e)}") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"--config {path}: the top level must be a mapping of keys, got {type(loaded).__name__}")
         data = copy.deepcopy(loaded or {})
@@ -255,9 +303,14 @@ def load_config(path: Optional[str] = None, *, inputs: Optional[list[str]] = Non
         _set_dotted(data, k, v)
     if inputs:
         data["input"] = list(inputs)
-    for key, value in (("output", output), ("checkpoint", checkpoint), ("run_id", run_id)):
+    for key, value in (("output", output), ("checkpoint", checkpoint), ("run_id", run_id), ("mode", mode)):
         if value is not None:
             data[key] = value
+    if vocab is not None:
+        section = data.setdefault("vocabulary", {})
+        if not isinstance(section, dict):
+            raise ConfigError("vocabulary: must be a mapping of keys to values")
+        section["file"] = vocab
     cfg = _build(JobConfig, data)
     validate(cfg, require_uris=require_uris)
     return cfg
@@ -285,6 +338,10 @@ def _check_uri(key: str, uri: str) -> None:
     if scheme in ("s3", "s3a", "gs", "gcs", "az", "abfs"):
         rest = uri.split("://", 1)[1]
         bucket = rest.split("/", 1)[0]
+        if "@" in bucket:
+            raise ConfigError(f"{key}: '{redact_uri(uri)}': keys in the URI are not supported (they would end up in "
+                              "logs and output rows); use storage.access_key_id / storage.secret_access_key or "
+                              "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY")
         if len(bucket) < 3:
             raise ConfigError(f"{key}: '{redact_uri(uri)}' has no valid bucket name")
 
@@ -342,10 +399,17 @@ def validate(cfg: JobConfig, require_uris: bool = True) -> None:
         raise ConfigError("vocabulary.tags_file: give either vocabulary.tags or vocabulary.tags_file, not both")
     if cfg.vocabulary.threshold is not None and cfg.vocabulary.thresholds_file is not None:
         raise ConfigError("vocabulary.thresholds_file: give either vocabulary.threshold or vocabulary.thresholds_file, not both")
-    for key in ("tags_file", "thresholds_file"):
+    for key in ("tags_file", "thresholds_file", "file"):
         path = getattr(cfg.vocabulary, key)
-        if path is not None and not Path(path).is_file():
+        if path is not None and uri_scheme(path) == "file" and not Path(path.removeprefix("file://")).is_file():
             raise ConfigError(f"vocabulary.{key}: file not found: {path}")
+    if cfg.mode not in ("missing", "all"):
+        raise ConfigError(f"mode: {cfg.mode!r} is not one of missing (only what has no committed result), all")
+    for i, st in enumerate(cfg.incremental.retry_stages):
+        if st not in ("list", "fetch", "decode", "infer"):
+            raise ConfigError(f"incremental.retry_stages[{i}]: {st!r} is not one of list, fetch, decode, infer")
+    if cfg.cache.token_dtype not in ("fp16", "fp32"):
+        raise ConfigError(f"cache.token_dtype: {cfg.cache.token_dtype!r} is not one of fp16, fp32")
     if cfg.vocabulary.tags is not None and not cfg.vocabulary.tags:
         raise ConfigError("vocabulary.tags: the list is empty; leave it null to use every tag")
 
@@ -370,6 +434,8 @@ def redacted(cfg: JobConfig) -> dict:
     for k in ("output", "checkpoint"):
         if d[k]:
             d[k] = redact_uri(d[k])
+    if d["vocabulary"].get("file"):
+        d["vocabulary"]["file"] = redact_uri(d["vocabulary"]["file"])
     return _lists(d)
 
 

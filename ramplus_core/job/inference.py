@@ -135,6 +135,9 @@ class Tagger:
             "vocab_ref": vocab_ref.hex() if isinstance(vocab_ref, ray.ObjectRef) else None,
             "vocab_memory": {k: shared_memory_location(v) for k, v in arrays.items()},
             "rss_bytes": _rss(),
+            "process_started_at": _process_start(),
+            "init_started_at": time.time() - (time.perf_counter() - t0),
+            "ready_at": time.time(),
         }
         if counter is not None:
             counter.actor_ready.remote(self.info)
@@ -254,6 +257,18 @@ def _pixels(column: pa.ChunkedArray, n_ok: int) -> np.ndarray:
                            f"expected {PIXEL_BYTES} per image")
     data = np.frombuffer(arr.buffers()[2], dtype=np.uint8)[offsets[0]:offsets[-1]]
     return data.reshape(n_ok, 384, 384, 3)
+
+
+def _process_start() -> Optional[float]:
+    """Wall time this worker process started (Linux), to split start-up into process, imports, load."""
+    try:
+        with open("/proc/self/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/stat") as f:
+            btime = next(int(line.split()[1]) for line in f if line.startswith("btime"))
+        return btime + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, StopIteration, IndexError):
+        return None
 
 
 def _rss() -> Optional[int]:

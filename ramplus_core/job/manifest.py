@@ -30,12 +30,36 @@ MARKER_SUFFIX = "._SUCCESS"
 MANIFEST_VERSION = 1
 
 
-def _write(storage: Storage, uri: str, data: bytes) -> None:
+def put_bytes(storage: Storage, uri: str, data: bytes) -> None:
+    """Write an object whole, so no reader ever sees part of it.
+
+    An object-store PUT is atomic already. A local file is written under a hidden name
+    (`.<name>.inprogress`: skipped by pyarrow's dataset discovery and by `*.parquet` globs)
+    and renamed, so a process killed mid-write leaves no half file under a real name.
+    """
+    import os
+    import uuid
+
+    import pyarrow.fs as pafs
+
     fs, path = storage.pyarrow(uri)
-    parent = path.rsplit("/", 1)[0]
+    parent, name = path.rsplit("/", 1)
     ensure_dir(fs, parent)
-    with fs.open_output_stream(path) as f:
-        f.write(data)
+    if not isinstance(fs, pafs.LocalFileSystem):
+        with fs.open_output_stream(path) as f:
+            f.write(data)
+        return
+    tmp = f"{parent}/.{name}.{uuid.uuid4().hex[:8]}.inprogress"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+_write = put_bytes
 
 
 def manifest_bytes(manifest: dict) -> bytes:

@@ -29,8 +29,10 @@ class ProgressCounter:
         self.first = None  # wall time when the first batch finished inference
         self.first_n = 0  # rows of that batch
         self.last = None
+        self.work: dict = {}  # model work: backbone images, token reads, head tag scores, copied scores
 
-    def add(self, tagged: int, errors: int, by_stage: dict, prepare_calls: int = 0, infer_s: float = 0.0) -> None:
+    def add(self, tagged: int, errors: int, by_stage: dict, prepare_calls: int = 0, infer_s: float = 0.0,
+            work: Optional[dict] = None) -> None:
         now = time.time()
         if self.first is None:
             self.first, self.first_n = now, tagged + errors
@@ -41,6 +43,8 @@ class ProgressCounter:
             self.by_stage[k] = self.by_stage.get(k, 0) + v
         self.prepare_calls = max(self.prepare_calls, prepare_calls)
         self.infer_s += infer_s
+        for k, v in (work or {}).items():
+            self.work[k] = self.work.get(k, 0) + v
 
     def actor_ready(self, info: dict) -> None:
         self.actors.append(info)
@@ -48,7 +52,7 @@ class ProgressCounter:
     def snapshot(self) -> dict:
         return {"tagged": self.tagged, "errors": self.errors, "by_stage": dict(self.by_stage),
                 "actors": list(self.actors), "prepare_calls": self.prepare_calls, "infer_s": self.infer_s,
-                "first": self.first, "first_n": self.first_n, "last": self.last}
+                "first": self.first, "first_n": self.first_n, "last": self.last, "work": dict(self.work)}
 
 
 def steady_rate(snap: dict) -> float:

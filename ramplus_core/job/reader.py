@@ -7,6 +7,14 @@ objects wait for decoding in a task, which bounds memory at threads x decode.max
 
 Nothing raised here escapes: every row comes out either with pixels or with `error` and
 `stage` set, because one bad object must never fail a night's run.
+
+A store that is down for a while (a restart, a network blip) must not turn a night's images
+into error rows, and one that stays down must not hold the run forever: each GET is one
+request (`Storage.fetch_fs`), retried `fetch.retries` times after waits that double from
+`fetch.backoff_s` up to `fetch.max_backoff_s`, each scaled by a random 0.5-1.5 so that
+thousands of readers do not come back in step. Only then does the image become an error row
+of stage `fetch` that says how many attempts over how long. Not found and access denied are
+not retried: waiting does not change them.
 """
 
 from __future__ import annotations
@@ -62,6 +70,11 @@ def _short(e: BaseException) -> str:
     return (s[0] if s else type(e).__name__)[:300]
 
 
+def backoff_s(attempt: int, cfg: FetchConfig, rng=random.random) -> float:
+    """Wait before retry number `attempt` (1, 2, ...)."""
+    return min(cfg.max_backoff_s, cfg.backoff_s * 2 ** (attempt - 1)) * (0.5 + rng())
+
+
 def fetch_bytes(storage: Storage, uri: str, max_bytes: int, cfg: FetchConfig, listed_size: Optional[int]) -> bytes:
     """Read at most max_bytes + 1 bytes (enough to know it is too big) with bounded retries."""
     if listed_size is not None and listed_size > max_bytes:
@@ -70,20 +83,24 @@ def fetch_bytes(storage: Storage, uri: str, max_bytes: int, cfg: FetchConfig, li
     if listed_size == 0:
         return b""  # a ranged GET of an empty object is an error on S3; decode names it "empty"
     attempt = 0
+    t0 = time.monotonic()
     while True:
         try:
-            fs, path = storage.fsspec(uri)
-            data = fs.cat_file(path, start=0, end=max_bytes + 1)  # one ranged GET, no HEAD
+            fs, path = storage.fetch_fs(uri)
+            # One ranged GET, no HEAD: an object that grew since it was listed (or a server that
+            # ignores Range) still yields at most max_bytes + 1 bytes.
+            data = fs.cat_file(path, start=0, end=max_bytes + 1)
         except Exception as e:  # noqa: BLE001 - any client error is classified below
             err = _classify(e)
             if err.permanent or attempt >= cfg.retries:
-                tries = f" after {attempt + 1} attempts" if attempt else ""
-                raise ImageError(f"fetch failed{tries}: {err.reason}", stage="fetch") from None
+                tries = f" after {attempt + 1} attempts over {time.monotonic() - t0:.1f}s" if attempt else ""
+                raise ImageError(storage.scrub(f"fetch failed{tries}: {err.reason}"), stage="fetch") from None
             attempt += 1
-            time.sleep(cfg.backoff_s * (2 ** (attempt - 1)) * (0.5 + random.random()))
+            time.sleep(backoff_s(attempt, cfg))
             continue
         if len(data) > max_bytes:
-            raise ImageError(f"object is over the limit of {max_bytes} bytes (decode.max_bytes)", stage="fetch")
+            raise ImageError(f"object is over the limit of {max_bytes} bytes (decode.max_bytes); read stopped at "
+                             f"{max_bytes + 1}", stage="fetch")
         return data
 
 
@@ -108,7 +125,7 @@ def fetch_decode(batch: pa.Table, *, storage: Storage, fetch: FetchConfig, limit
     todo = []
     for i, r in enumerate(rows):
         if r.get("list_error"):
-            fail(i, r["list_error"], "list")
+            fail(i, storage.scrub(r["list_error"]), "list")
         else:
             todo.append(i)
 
@@ -139,6 +156,6 @@ def fetch_decode(batch: pa.Table, *, storage: Storage, fetch: FetchConfig, limit
                 except ImageError as e:
                     fail(i, e.reason, e.stage)
                 except Exception as e:  # noqa: BLE001 - a decoder bug must not stop the run
-                    fail(i, f"unexpected decoder failure: {type(e).__name__}: {_short(e)}", "decode")
+                    fail(i, storage.scrub(f"unexpected decoder failure: {type(e).__name__}: {_short(e)}"), "decode")
                 del data
     return pa.table(out, schema=DECODED_SCHEMA)

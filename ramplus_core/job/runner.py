@@ -36,6 +36,7 @@ from .inference import Tagger, materialize_checkpoint
 from .listing import Fingerprint, ListingResult, list_inputs, read_listing_uris
 from .progress import ProgressCounter, ProgressReporter, progress_line, steady_rate, summary_table
 from .reader import fetch_decode
+from .scrub import Scrubber
 from .storage import Storage, join, preflight
 from .writer import ERRORS_SCHEMA, TAGS_SCHEMA, TagsDatasink
 
@@ -247,6 +248,9 @@ def run_pipeline(cfg: JobConfig, storage: Storage, staging: str, listing: Listin
         compute=ActorPoolStrategy(size=plan.actors),
         num_cpus=plan.actor_cpus,
         num_gpus=plan.gpus_per_actor or None,
+        # bounded, not Ray Data's default of forever: a batch that kills every replica fails the run
+        max_restarts=cfg.inference.max_restarts,
+        max_task_retries=cfg.inference.max_task_retries,
         fn_constructor_kwargs={
             "checkpoint": cfg.checkpoint, "storage": storage, "vocab_ref": vocab_ref,
             "names": model["names"], "thresholds": model["thresholds"],
@@ -325,6 +329,21 @@ def _cleanup_staging(storage: Storage, staging: str) -> None:
         pass
 
 
+def _events(snap: dict, t0: float) -> dict:
+    """When, after the pipeline started, the actors came up and the first and last batch ended."""
+    def rel(x):
+        return round(x - t0, 3) if x else None
+
+    actors = snap.get("actors", [])
+    return {
+        "actor_process_started": [rel(a.get("process_started_at")) for a in actors],
+        "actor_init_started": [rel(a.get("init_started_at")) for a in actors],
+        "actor_ready": [rel(a.get("ready_at")) for a in actors],
+        "first_batch_done": rel(snap.get("first")),
+        "last_batch_done": rel(snap.get("last")),
+    }
+
+
 def versions() -> dict:
     import PIL
     import pyarrow
@@ -356,6 +375,8 @@ def run(cfg: JobConfig, emit: Callable[[str], None] = print) -> RunResult:
     started_at = datetime.now(timezone.utc)
     timings: dict = {}
     storage = Storage.from_config(cfg.storage)
+    scrubber = Scrubber.for_run(cfg, storage)
+    emit = scrubber.emit(emit)
     preflight(cfg, storage)
     run_id = cfg.run_id or mf.new_run_id(started_at, uuid.uuid4().hex)
     staging = join(cfg.output, "_staging", run_id)
@@ -396,12 +417,13 @@ def run(cfg: JobConfig, emit: Callable[[str], None] = print) -> RunResult:
     snap: dict = {"actors": [], "prepare_calls": 0}
     pipeline_error = None
     t = time.perf_counter()
+    pipeline_started_at = time.time()
     if listing.listed:
         reporter = ProgressReporter(counter, listing.listed, cfg.ray.progress_interval_s, emit).start()
         try:
             run_pipeline(cfg, storage, staging, listing, plan, model, vocab_ref, counter, sink)
         except Exception as e:  # noqa: BLE001 - recorded in the FAILED manifest, then re-raised
-            pipeline_error = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
+            pipeline_error = scrubber.text(f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}")
         finally:
             reporter.stop()
     timings["pipeline"] = time.perf_counter() - t
@@ -443,6 +465,7 @@ def run(cfg: JobConfig, emit: Callable[[str], None] = print) -> RunResult:
         "invariant": {k: check.get(k) for k in ("ok", "detail", "listing_fingerprint", "output_fingerprint")},
         "images_per_s": done / timings["pipeline"] if timings["pipeline"] > 0 and done else 0.0,
         "steady_images_per_s": steady_rate(snap),
+        "pipeline_events_s": _events(snap, pipeline_started_at),
         # seconds the actors spent inside the model: images / inference_s is the model-only
         # rate as it ran inside this job (busy time / actors / pipeline time = actor utilisation)
         "inference_s": round(snap.get("infer_s", 0.0), 3),
@@ -459,6 +482,7 @@ def run(cfg: JobConfig, emit: Callable[[str], None] = print) -> RunResult:
         "versions": versions(),
         "argv": [redact_uri(a) for a in sys.argv],
     }
+    manifest = scrubber.obj(manifest)
     summary = summary_table(manifest)
     if not check["ok"]:
         uri = mf.write_failed(storage, cfg.output, run_id, manifest)

@@ -3,12 +3,22 @@
 The driver resolves the object-store settings once (config first, then the AWS_* variables)
 and ships this recipe to every Ray task and actor, so a worker on another node reaches the
 same endpoint with the same keys even if its environment differs. The recipe is the only
-place the keys live; its repr and `describe()` never show them.
+place the keys live; its repr and `describe()` never show them, and `scrub()` removes them
+from any text (client error messages) before it reaches a log, a manifest or an error row.
+
+Retries are explicit and bounded per client, so an outage of the store has a known cost:
+the Parquet client (pyarrow: listing shards, data files, manifests) retries each request
+`storage.max_attempts` times with the AWS SDK's exponential backoff (25 ms x 2^n: 10 attempts
+wait 25 s in all); the image client (s3fs, `fetch_fs`) makes exactly one request per call
+and the reader owns the retry policy (`fetch.retries`, `fetch.backoff_s`, `fetch.max_backoff_s`).
+Left at their defaults, botocore and s3fs would nest their retries (5 x 5 attempts, ~10 s per
+call against a refused connection) under the reader's and turn a minute of outage into many.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +29,7 @@ from ..errors import ConfigError
 from .config import StorageConfig, redact_uri, uri_scheme
 
 _S3_SCHEMES = ("s3", "s3a")
+DEFAULT_MAX_ATTEMPTS = 10
 _cache: dict = {}
 _cache_lock = threading.Lock()
 
@@ -30,6 +41,7 @@ class Storage:
     secret_access_key: Optional[str] = None
     session_token: Optional[str] = None
     region: Optional[str] = None
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
 
     @classmethod
     def from_config(cls, cfg: StorageConfig, environ: Optional[dict] = None) -> "Storage":
@@ -50,6 +62,7 @@ class Storage:
             secret_access_key=secret,
             session_token=cfg.session_token or env.get("AWS_SESSION_TOKEN"),
             region=cfg.region or env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION"),
+            max_attempts=getattr(cfg, "max_attempts", DEFAULT_MAX_ATTEMPTS),
         )
 
     def __repr__(self) -> str:
@@ -57,7 +70,15 @@ class Storage:
 
     def describe(self) -> str:
         keys = "keys from config/env" if self.access_key_id else "default credential chain"
-        return f"endpoint={self.endpoint_url or 'default'}, region={self.region or 'default'}, {keys}"
+        endpoint = redact_uri(self.endpoint_url) if self.endpoint_url else "default"
+        return f"endpoint={endpoint}, region={self.region or 'default'}, {keys}"
+
+    def secrets(self) -> tuple[str, ...]:
+        return tuple(s for s in (self.access_key_id, self.secret_access_key, self.session_token) if s)
+
+    def scrub(self, text: str) -> str:
+        """`text` without this recipe's keys or any `user:password@` of a URL in it."""
+        return scrub(text, self.secrets())
 
     # -- fsspec -------------------------------------------------------------------------
     def fsspec(self, uri: str):
@@ -72,19 +93,30 @@ class Storage:
         fs, path = fsspec.core.url_to_fs(uri)
         return fs, path
 
-    def _s3fs(self):
+    def fetch_fs(self, uri: str):
+        """(filesystem, path) whose every call is a single request: the caller retries."""
+        if uri_scheme(uri) in _S3_SCHEMES:
+            return _cached(("s3-once", self), lambda: self._s3fs(single_attempt=True)), uri.split("://", 1)[1]
+        return self.fsspec(uri)
+
+    def _s3fs(self, single_attempt: bool = False):
         import s3fs
 
         client_kwargs = {"region_name": self.region} if self.region else {}
-        return s3fs.S3FileSystem(
+        config_kwargs = {"retries": {"total_max_attempts": 1, "mode": "standard"}} if single_attempt else None
+        fs = s3fs.S3FileSystem(
             endpoint_url=self.endpoint_url,
             key=self.access_key_id,
             secret=self.secret_access_key,
             token=self.session_token,
             client_kwargs=client_kwargs,
+            config_kwargs=config_kwargs,
             use_listings_cache=False,
             skip_instance_cache=True,
         )
+        if single_attempt:
+            fs.retries = 1  # s3fs's own loop around botocore (class default 5)
+        return fs
 
     # -- pyarrow (Parquet reads and writes, Ray Data) ---------------------------------------
     def pyarrow(self, uri: str):
@@ -113,7 +145,24 @@ class Storage:
         region = self.region or ("us-east-1" if self.endpoint_url else None)
         if region:
             kw["region"] = region
+        kw["retry_strategy"] = pafs.AwsDefaultS3RetryStrategy(max_attempts=self.max_attempts)
         return pafs.S3FileSystem(**kw)
+
+
+_USERINFO_ANYWHERE = re.compile(r"([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s'\"]+@")
+
+
+def scrub(text: str, secrets=()) -> str:
+    """Replace each secret (and any URL's `user:password@`) in text with `***`.
+
+    Client libraries put what they were given into their messages (URLs with userinfo,
+    sometimes a key id); every message that leaves the job passes through here.
+    """
+    if not text:
+        return text
+    for s in sorted({s for s in secrets if s and len(s) >= 4}, key=len, reverse=True):
+        text = text.replace(s, "***")
+    return _USERINFO_ANYWHERE.sub(r"\1***@", text)
 
 
 def _local_fs():
@@ -172,7 +221,7 @@ def preflight(cfg, storage: Storage) -> None:
     elif cfg.output and uri_scheme(cfg.output) in _S3_SCHEMES:
         fs, path = storage.fsspec(cfg.output)
         bucket = path.split("/", 1)[0]
-        _s3_call(f"output", cfg.output, lambda: fs.ls(bucket, detail=False)[:0])
+        _s3_call("output", cfg.output, lambda: fs.ls(bucket, detail=False)[:0], storage)
 
 
 def _check_readable(key: str, uri: str, storage: Storage, want_dir: bool) -> None:
@@ -196,20 +245,22 @@ def _check_readable(key: str, uri: str, storage: Storage, want_dir: bool) -> Non
         def probe():
             if not fs.isfile(path):
                 raise FileNotFoundError(path)
-    _s3_call(key, uri, probe)
+    _s3_call(key, uri, probe, storage)
 
 
-def _s3_call(key: str, uri: str, fn) -> None:
+def _s3_call(key: str, uri: str, fn, storage: Optional[Storage] = None) -> None:
     where = redact_uri(uri)
+    secrets = storage.secrets() if storage is not None else ()
     try:
         fn()
     except FileNotFoundError:
         raise ConfigError(f"{key}: {where} does not exist (no such bucket, prefix or object)") from None
     except PermissionError as e:
-        raise ConfigError(f"{key}: access to {where} was refused ({_first_line(e)}); check the keys "
+        raise ConfigError(f"{key}: access to {where} was refused ({scrub(_first_line(e), secrets)}); check the keys "
                           "(storage.* or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY)") from None
     except Exception as e:  # noqa: BLE001 - network and client errors of any library
-        raise ConfigError(f"{key}: cannot reach {where}: {type(e).__name__}: {_first_line(e)}") from None
+        raise ConfigError(f"{key}: cannot reach {where}: {type(e).__name__}: "
+                          f"{scrub(_first_line(e), secrets)}") from None
 
 
 def _first_line(e: BaseException) -> str:
