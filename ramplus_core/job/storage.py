@@ -220,8 +220,8 @@ def preflight(cfg, storage: Storage) -> None:
             raise ConfigError(f"output: {cfg.output} is not writable (no write permission on {parent})")
     elif cfg.output and uri_scheme(cfg.output) in _S3_SCHEMES:
         fs, path = storage.fsspec(cfg.output)
-        bucket = path.split("/", 1)[0]
-        _s3_call("output", cfg.output, lambda: fs.ls(bucket, detail=False)[:0], storage)
+        # the bucket must exist and let us list; an empty bucket or a new prefix is fine
+        _s3_call("output", cfg.output, lambda: _s3_probe(fs, path.split("/", 1)[0]), storage)
 
 
 def _check_readable(key: str, uri: str, storage: Storage, want_dir: bool) -> None:
@@ -236,7 +236,11 @@ def _check_readable(key: str, uri: str, storage: Storage, want_dir: bool) -> Non
             raise ConfigError(f"{key}: {uri} is not readable (permission denied)")
         return
     fs, path = storage.fsspec(uri)
-    if want_dir:
+    if want_dir and scheme in _S3_SCHEMES:
+        def probe():
+            if not _s3_probe(fs, path):
+                raise FileNotFoundError(path)
+    elif want_dir:
         def probe():
             if fs.isdir(path) or fs.isfile(path):
                 return
@@ -246,6 +250,28 @@ def _check_readable(key: str, uri: str, storage: Storage, want_dir: bool) -> Non
             if not fs.isfile(path):
                 raise FileNotFoundError(path)
     _s3_call(key, uri, probe, storage)
+
+
+def _s3_probe(fs, path: str) -> bool:
+    """Is there anything at this bucket/prefix (or object)? One list request of 2 keys at most.
+
+    s3fs's isdir/ls list every direct child of a prefix: on a flat prefix of millions of
+    images that is thousands of requests and millions of dicts in the driver, before the
+    streaming listing even starts.
+    """
+    from fsspec.asyn import sync
+
+    bucket, _, key = path.partition("/")
+    key = key.strip("/")
+
+    async def first():
+        async for _ in fs._iterdir(bucket, prefix=key + "/" if key else "", delimiter="/", max_items=1):
+            return True
+        return False
+
+    if sync(fs.loop, first):
+        return True
+    return bool(key) and fs.isfile(path)
 
 
 def _s3_call(key: str, uri: str, fn, storage: Optional[Storage] = None) -> None:

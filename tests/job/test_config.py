@@ -105,6 +105,15 @@ def test_preflight_s3_wrong_keys_and_missing_prefix(s3_server, tmp_path):
     cfg = load(tmp_path, {"storage": good}, inputs=[f"s3://{s3_server.bucket}/no/such/prefix/"])
     with pytest.raises(ConfigError, match=r"input\[0\]: s3://.*does not exist"):
         preflight(cfg, Storage.from_config(cfg.storage, environ={}))
+    s3_server.fs().pipe(f"{s3_server.bucket}/preflight/a.jpg", b"x")
+    ok = load(tmp_path, {"storage": good}, inputs=[f"s3://{s3_server.bucket}/preflight"],
+              output=f"s3://{s3_server.bucket}/brand-new-prefix/")
+    preflight(ok, Storage.from_config(ok.storage, environ={}))  # a new output prefix is fine
+    one = load(tmp_path, {"storage": good}, inputs=[f"s3://{s3_server.bucket}/preflight/a.jpg"])
+    preflight(one, Storage.from_config(one.storage, environ={}))  # so is a single object as input
+    bad = load(tmp_path, {"storage": good}, inputs=[f"s3://{s3_server.bucket}/preflight"], output="s3://no-such-bucket-x/o/")
+    with pytest.raises(ConfigError, match=r"output: s3://no-such-bucket-x/o/ does not exist"):
+        preflight(bad, Storage.from_config(bad.storage, environ={}))
 
 
 def test_secrets_are_redacted(tmp_path):
