@@ -39,9 +39,16 @@ credentials: storage.* in the config, or AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_K
   AWS_SESSION_TOKEN / AWS_REGION / AWS_ENDPOINT_URL in the environment of the driver (they
   are passed to the Ray workers; they are never printed or written to the manifest).
 
+incremental: by default (--mode missing) a run tags only what has no committed result for
+  this model and vocabulary (new or changed objects, retryable errors, tags a grown
+  vocabulary adds), writes tombstones for deleted objects, and resumes an unfinished run
+  started with the same settings (a killed driver): just start it again.
+
 output layout:
-  <output>/tags/run_date=YYYY-MM-DD/shard=NN/part-<run_id>-<task>.parquet
-  <output>/errors/run_date=YYYY-MM-DD/shard=NN/part-<run_id>-<task>.parquet
+  <output>/tags/run_date=YYYY-MM-DD/shard=NN/part-<run_id>-<attempt>-<task>.parquet
+  <output>/errors/run_date=YYYY-MM-DD/shard=NN/part-<run_id>-<attempt>-<task>.parquet
+  <output>/tombstones/run_date=YYYY-MM-DD/part-<run_id>.parquet  images gone since the last run
+  <output>/_index/                  what the next run reads instead of every past file
   <output>/_runs/<run_id>.json      manifest, written after all data
   <output>/_runs/<run_id>._SUCCESS  commit marker: read only runs that have one
   See docs/job.md for the schema and reading examples.
@@ -60,7 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "repeat for several (replaces 'input' of the config)")
     p.add_argument("--output", metavar="URI", help="where tags/, errors/ and _runs/ are written")
     p.add_argument("--checkpoint", metavar="URI", help="RAM++ checkpoint (.pth or .safetensors), local or any URL")
-    p.add_argument("--run-id", help="name of this run (default: UTC start time + random suffix)")
+    p.add_argument("--vocab", metavar="FILE", help="vocabulary file (YAML: builtin, tags, import, text_encoder, "
+                                                   "cache); sets vocabulary.file")
+    p.add_argument("--mode", choices=("missing", "all"),
+                   help="missing (default): only images without a committed result for this model and "
+                        "vocabulary; all: re-tag everything")
+    p.add_argument("--run-id", help="name of this run (default: UTC start time + random suffix; the id of an "
+                                    "unfinished run resumes it)")
     p.add_argument("--ray-address", help="Ray cluster to use ('local' starts one here; default: RAY_ADDRESS, "
                                          "a running local cluster, else a new local one)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -72,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)  # before the heavy imports: --help is instant
     _ensure_importable()
-    from ramplus_core.errors import CheckpointError, ConfigError
+    from ramplus_core.errors import CheckpointError, ConfigError, VocabularyError
     from ramplus_core.job.config import load_config, parse_set
 
     def fail(msg: str, code: int) -> int:
@@ -86,14 +99,14 @@ def main(argv=None) -> int:
         if args.quiet:
             overrides.append(("ray.progress_bars", False))
         cfg = load_config(args.config, inputs=args.input, output=args.output, checkpoint=args.checkpoint,
-                          run_id=args.run_id, overrides=overrides)
+                          run_id=args.run_id, vocab=args.vocab, mode=args.mode, overrides=overrides)
         from ramplus_core.job.runner import JobFailed, run
 
         try:
             run(cfg, emit=lambda line: print(line, flush=True))
         except JobFailed as e:
             return fail(str(e), 3)
-    except (ConfigError, CheckpointError) as e:
+    except (ConfigError, CheckpointError, VocabularyError) as e:
         return fail(" ".join(str(e).split()), 2)
     return 0
 

@@ -1,5 +1,13 @@
 """The inference actor: one model per actor, the run's shared vocabulary, never recomputed.
 
+A row reaches the actor with pixels (the backbone runs), with cached image tokens (the
+backbone is skipped), or with neither when all its scores are copied. Rows of a grown
+vocabulary (`base_key` set) carry the image's committed scores: the actor runs the head
+only on the tags that the copy rule cannot supply (`keys[base_key]`, a slice of the shared
+prepared vocabulary), copies the rest bit for bit, and applies this run's thresholds and
+score floor to the whole set. What the model did is counted per batch (backbone images,
+token reads, tag scores computed by the head, scores copied) and reported to the counter.
+
 The driver projects the vocabulary once and `ray.put`s it; the ObjectRef reaches each actor
 through `fn_constructor_kwargs`. Ray Data does not resolve references nested in constructor
 arguments, so the actor `ray.get`s it: numpy arrays come back as read-only views of the
@@ -32,6 +40,9 @@ INFERRED_SCHEMA = pa.schema([
     ("scores", pa.list_(SCORE_TYPE)),
     ("error", pa.string()),
     ("stage", pa.string()),
+    ("version", pa.string()),
+    ("tokens_file", pa.string()),
+    ("tokens_row", pa.int32()),
 ])
 
 
@@ -82,11 +93,13 @@ def materialize_checkpoint(uri: str, storage) -> str:
 
 
 class Tagger:
-    """Ray Data callable class: DECODED rows in, INFERRED rows out (one per row, in order)."""
+    """Ray Data callable class: DECODED (or work.LOADED) rows in, INFERRED rows out, one per row, in order."""
 
     def __init__(self, *, checkpoint: str, storage, vocab_ref, names: list[str], thresholds: np.ndarray,
                  model_id: str, vocab_id: str, device: str, dtype: str, torch_threads: Optional[int],
-                 chunk_size: int, score_floor: float, counter=None):
+                 chunk_size: int, score_floor: float, counter=None, keys: Optional[dict] = None,
+                 output_uri: Optional[str] = None, run_id: Optional[str] = None, cache_tokens: bool = False,
+                 token_dtype: str = "fp16"):
         t0 = time.perf_counter()
         import ray
         import torch
@@ -124,6 +137,21 @@ class Tagger:
         self.score_floor = score_floor
         self.counter = counter
         self.infer_s = 0.0  # time inside the model since the last report (busy time)
+        self.storage, self.output_uri, self.run_id, self.model_id = storage, output_uri, run_id, model_id
+        self.cache_tokens = bool(cache_tokens and output_uri)
+        self.token_dtype = np.float16 if token_dtype == "fp16" else np.float32
+        self.name_index = {n: j for j, n in enumerate(self.names)}
+        self.keys = {}
+        full = model.prepared
+        for key, spec in (keys or {}).items():
+            idx = np.asarray(spec["compute"], dtype=np.int64)
+            t = torch.as_tensor(idx, device=full.embeds.device)
+            copy = np.ones(len(self.names), dtype=bool)
+            copy[idx] = False
+            self.keys[key] = {"compute": idx, "copy": copy,
+                              "prepared": PreparedVocabulary(full.embeds[t], full.projected[t], full.mask[t])
+                              if len(idx) else None}
+        self.work = _zero_work()
         self.info = {
             "pid": os.getpid(),
             "node_id": ray.get_runtime_context().get_node_id(),
@@ -143,22 +171,103 @@ class Tagger:
             counter.actor_ready.remote(self.info)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        n = batch.num_rows
+        import torch
+
+        n, c = batch.num_rows, len(self.names)
+        names = batch.column_names
+
+        def col(name, typ):
+            return batch.column(name) if name in names else pa.chunked_array([pa.nulls(n, typ)])
+
         error = batch.column("error").to_pylist()
         stage = batch.column("stage").to_pylist()
-        ok = np.asarray([i for i in range(n) if error[i] is None], dtype=np.int64)
-        probs = np.full((n, len(self.names)), np.nan, dtype=np.float32)
-        if len(ok):
-            t0 = time.perf_counter()
-            got, failures = self._infer(_pixels(batch.column("pixels"), len(ok)))
-            self.infer_s += time.perf_counter() - t0
-            probs[ok] = got
+        base_key = col("base_key", pa.string()).to_pylist()
+        tok_file = col("tokens_file", pa.string()).to_pylist()
+        tok_row = col("tokens_row", pa.int32()).to_pylist()
+        has_px = _lengths(batch.column("pixels")) > 0
+        has_tok = _lengths(batch.column("tokens")) > 0 if "tokens" in names else np.zeros(n, dtype=bool)
+        ok = np.asarray([e is None for e in error], dtype=bool)
+        for i in np.flatnonzero(ok & ~has_px & ~has_tok):
+            if base_key[i] is None or self.keys.get(base_key[i], {}).get("prepared") is not None:
+                error[i], stage[i] = "internal: a row reached the model with neither pixels nor tokens", "infer"
+                ok[i] = False
+        probs = np.full((n, c), -1.0, dtype=np.float32)  # -1: not scored (under every floor and threshold)
+        t0 = time.perf_counter()
+
+        # image tokens: from pixels (the backbone) or from the cache
+        tokens: dict[int, "torch.Tensor"] = {}
+        px = np.flatnonzero(ok & has_px)
+        if len(px):
+            got, failures = self._each(self._tokens, _pixels(batch.column("pixels"), len(px)))
             for j, reason in failures:
-                error[ok[j]], stage[ok[j]] = reason, "infer"
+                error[px[j]], stage[px[j]] = reason, "infer"
+            for j, i in enumerate(px):
+                if got[j] is not None:
+                    tokens[i] = got[j]
+            self.work["backbone_images"] += len(px) - len(failures)
+        tk = np.flatnonzero(ok & has_tok & ~has_px)
+        if len(tk):
+            dtypes = col("tokens_dtype", pa.string()).to_pylist()
+            raw = batch.column("tokens")
+            for i in tk:
+                arr = np.frombuffer(raw[int(i)].as_buffer(), dtype=dtypes[i] or "float16").reshape(145, 512)
+                tokens[i] = torch.from_numpy(arr.copy()).to(self.model.device, self.model.dtype)
+            self.work["token_reads"] += len(tk)
+
+        # the head: every tag for full rows, the tags the copy rule cannot give for grown rows
+        groups: dict = {}
+        for i in tokens:
+            k = base_key[i]
+            if k is not None and self.keys.get(k, {}).get("prepared") is None:
+                continue  # nothing to compute for this row
+            groups.setdefault(k, []).append(i)
+        for k, rows in groups.items():
+            spec = self.keys.get(k) if k is not None else None
+            if k is not None and spec is None:
+                for i in rows:
+                    error[i], stage[i] = f"internal: unknown base_key {k}", "infer"
+                continue
+            prepared = spec["prepared"] if spec else None
+            got, failures = self._each(lambda x, p=prepared: self._head(x, p), torch.stack([tokens[i] for i in rows]))
+            for j, reason in failures:
+                error[rows[j]], stage[rows[j]] = reason, "infer"
+            for j, i in enumerate(rows):
+                if got[j] is None:
+                    continue
+                if spec is None:
+                    probs[i] = got[j]
+                else:
+                    probs[i, spec["compute"]] = got[j]
+            width = c if spec is None else len(spec["compute"])
+            self.work["head_tag_scores"] += (len(rows) - len(failures)) * width
+
+        # copied scores of grown rows
+        grown = np.asarray([ok[i] and error[i] is None and base_key[i] is not None for i in range(n)], dtype=bool)
+        if grown.any():
+            self.work["copied_scores"] += self._copy(batch, col, base_key, grown, probs)
+
+        # new tokens into the cache (only those the backbone computed here)
+        fresh = [i for i in px if i in tokens and error[i] is None]
+        if self.cache_tokens and fresh:
+            from .work import token_file_name, write_tokens
+
+            rel = token_file_name(self.model_id, self.run_id or "run")
+            arr = torch.stack([tokens[i] for i in fresh]).to("cpu", torch.float32).numpy().astype(self.token_dtype)
+            try:
+                write_tokens(self.storage, self.output_uri, rel, arr)
+                for j, i in enumerate(fresh):
+                    tok_file[i], tok_row[i] = rel, j
+                self.work["tokens_written"] += len(fresh)
+            except Exception:  # noqa: BLE001 - a cache write failure loses only the cache entry
+                pass
+        self.infer_s += time.perf_counter() - t0
+
         is_err = np.asarray([e is not None for e in error], dtype=bool)
         tags, scores = self._lists(probs, is_err)
         cols = [batch.column(k) for k in ("uri", "size", "etag", "mtime", "width", "height")]
-        out = pa.Table.from_arrays(cols + [tags, scores, pa.array(error, pa.string()), pa.array(stage, pa.string())],
+        out = pa.Table.from_arrays(cols + [tags, scores, pa.array(error, pa.string()), pa.array(stage, pa.string()),
+                                          col("version", pa.string()), pa.array(tok_file, pa.string()),
+                                          pa.array(tok_row, pa.int32())],
                                    schema=INFERRED_SCHEMA)
         if self.counter is not None:
             by_stage: dict = {}
@@ -166,30 +275,66 @@ class Tagger:
                 if e is not None:
                     by_stage[st] = by_stage.get(st, 0) + 1
             n_err = int(is_err.sum())
-            self.counter.add.remote(n - n_err, n_err, by_stage, self.prepare_calls, self.infer_s)
+            self.counter.add.remote(n - n_err, n_err, by_stage, self.prepare_calls, self.infer_s, self.work)
             self.infer_s = 0.0
+            self.work = _zero_work()
         return out
 
-    def _infer(self, pixels: np.ndarray) -> tuple[np.ndarray, list]:
-        """Whole batch first; if it fails, one image at a time so one bad input costs one row."""
+    def _each(self, fn, x) -> tuple[list, list]:
+        """fn over the whole batch; if it fails, one row at a time so one bad input costs one row."""
         try:
-            return self._probs(pixels), []
+            out = fn(x)
+            return [out[j] for j in range(len(x))], []
         except Exception:  # noqa: BLE001
             pass
-        out = np.full((len(pixels), len(self.names)), np.nan, dtype=np.float32)
+        got: list = [None] * len(x)
         failures = []
-        for j in range(len(pixels)):
+        for j in range(len(x)):
             try:
-                out[j] = self._probs(pixels[j:j + 1])[0]
+                got[j] = fn(x[j:j + 1])[0]
             except Exception as e:  # noqa: BLE001 - recorded as this image's error row
                 failures.append((j, f"inference failed: {type(e).__name__}: {str(e)[:300]}"))
-        return out, failures
+        return got, failures
 
-    def _probs(self, pixels: np.ndarray) -> np.ndarray:
-        probs, _ = self.model.decide(self.model.logits(to_model_input(pixels, self.model.device)))
+    def _tokens(self, pixels: np.ndarray):
+        """uint8 NHWC -> projected image tokens [N, 145, 512] (the backbone)."""
+        return self.model.image_tokens(to_model_input(pixels, self.model.device))
+
+    def _head(self, tokens, prepared=None) -> np.ndarray:
+        """Probabilities of the full vocabulary (prepared None) or of a slice of it, as `decide` computes them."""
+        import torch
+
+        probs = torch.sigmoid(self.model.logits_from_tokens(tokens, prepared).float()).cpu().numpy()
         if not np.isfinite(probs).all():
             raise FloatingPointError("non-finite scores")
         return probs.astype(np.float32, copy=False)
+
+    def _copy(self, batch: pa.Table, col, base_key: list, grown: np.ndarray, probs: np.ndarray) -> int:
+        """Scatter the committed scores that the copy rule allows into `probs`; returns how many."""
+        import pyarrow.compute as pc
+
+        keys = [k for k in dict.fromkeys(base_key[i] for i in np.flatnonzero(grown)) if k in self.keys]
+        kidx = {k: j for j, k in enumerate(keys)}
+        copy = np.stack([self.keys[k]["copy"] for k in keys]) if keys else np.zeros((0, len(self.names)), bool)
+        row_key = np.asarray([kidx.get(base_key[i], -1) if grown[i] else -1 for i in range(len(base_key))])
+        lists = col("base_scores", pa.list_(SCORE_TYPE))
+        n = 0
+        offset = 0
+        for chunk in lists.chunks:
+            if len(chunk):
+                parents = pc.list_parent_indices(chunk).to_numpy(zero_copy_only=False) + offset
+                flat = pc.list_flatten(chunk)
+                pos = pc.index_in(flat.field("tag"), value_set=self.names_arrow)
+                valid = pos.is_valid().to_numpy(zero_copy_only=False)
+                j = np.asarray(pc.fill_null(pos, 0).to_numpy(zero_copy_only=False), dtype=np.int64)
+                k = row_key[parents]
+                take = valid & (k >= 0)
+                take[take] = copy[k[take], j[take]]
+                vals = flat.field("score").to_numpy(zero_copy_only=False)
+                probs[parents[take], j[take]] = vals[take]
+                n += int(take.sum())
+            offset += len(chunk)
+        return n
 
     def _lists(self, probs: np.ndarray, is_err: np.ndarray) -> tuple[pa.Array, pa.Array]:
         """`tags` and `scores` list columns for a batch, built as arrays (no Python object per score).
@@ -244,10 +389,17 @@ def _readonly(pixels: np.ndarray, torch):
         return torch.from_numpy(pixels)
 
 
-def _pixels(column: pa.ChunkedArray, n_ok: int) -> np.ndarray:
-    """The ok rows' pixels as one [n, 384, 384, 3] view of the Arrow buffer (no per-row copies).
+def _lengths(column: pa.ChunkedArray) -> np.ndarray:
+    import pyarrow.compute as pc
 
-    Error rows hold empty values, so the values buffer is exactly the ok rows' pixels, in order.
+    return np.asarray(pc.fill_null(pc.binary_length(column), 0).to_numpy(zero_copy_only=False), dtype=np.int64)
+
+
+def _pixels(column: pa.ChunkedArray, n_ok: int) -> np.ndarray:
+    """The pixel rows' pixels as one [n, 384, 384, 3] view of the Arrow buffer (no per-row copies).
+
+    Every other row (errors, rows fed from cached tokens or copied scores) holds an empty
+    value, so the values buffer is exactly the pixel rows' pixels, in order.
     """
     arr = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
     offsets = np.frombuffer(arr.buffers()[1], dtype=np.int64)[arr.offset:arr.offset + len(arr) + 1]
@@ -257,6 +409,10 @@ def _pixels(column: pa.ChunkedArray, n_ok: int) -> np.ndarray:
                            f"expected {PIXEL_BYTES} per image")
     data = np.frombuffer(arr.buffers()[2], dtype=np.uint8)[offsets[0]:offsets[-1]]
     return data.reshape(n_ok, 384, 384, 3)
+
+
+def _zero_work() -> dict:
+    return {"backbone_images": 0, "token_reads": 0, "head_tag_scores": 0, "copied_scores": 0, "tokens_written": 0}
 
 
 def _process_start() -> Optional[float]:

@@ -82,6 +82,14 @@ def write_failed(storage: Storage, output_uri: str, run_id: str, manifest: dict)
     return uri
 
 
+def clear_failed(storage: Storage, output_uri: str, run_id: str) -> None:
+    fs, path = storage.pyarrow(join(output_uri, RUNS_DIR, f"{run_id}.FAILED.json"))
+    try:
+        fs.delete_file(path)
+    except (FileNotFoundError, OSError):
+        pass
+
+
 def committed_runs(output_uri: str, storage: Optional[Storage] = None) -> list[str]:
     """Run ids that have a commit marker, oldest first (run ids start with a UTC timestamp)."""
     import pyarrow.fs as pafs

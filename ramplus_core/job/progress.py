@@ -112,16 +112,34 @@ def summary_table(m: dict) -> str:
         ("errors", c["errors"] if not c.get("errors_by_stage") else
          f"{c['errors']} (" + ", ".join(f"{k} {v}" for k, v in sorted(c["errors_by_stage"].items())) + ")"),
         ("skipped (not images)", c["skipped"]),
-        ("invariant", "ok: every listed image is in exactly one of tags/ or errors/"
+    ]
+    inc = c.get("incremental")
+    if inc:
+        rows += [
+            ("mode", inc.get("mode", "")),
+            ("already done (skipped)", inc.get("skipped", 0)),
+            ("work", ", ".join(f"{k} {inc.get(k, 0)}" for k in ("new", "changed", "retried", "grown", "retagged"))),
+            ("deleted (tombstones)", inc.get("deleted", 0)),
+        ]
+    if m.get("resume", {}).get("attempt", 1) > 1:
+        r = m["resume"]
+        rows.append(("resumed", f"attempt {r['attempt']}: {r.get('kept_rows', 0)} rows of earlier attempts kept"))
+    w_ = m.get("model_work")
+    if w_:
+        rows.append(("model work", ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in w_.items())))
+    rows += [
+        ("invariant", "ok: every listed image is already done or in exactly one of this run's tags/ or errors/ rows"
          if m["invariant"]["ok"] else f"VIOLATED: {m['invariant']['detail']}"),
         ("images/s", f"{m['images_per_s']:.2f} over the pipeline, {m.get('steady_images_per_s', 0):.2f} "
                      "first to last batch"),
         ("time: total", f"{t['total']:.1f}s"),
         ("time: checkpoint", f"{t.get('checkpoint', 0):.1f}s"),
         ("time: listing", f"{t.get('listing', 0):.1f}s"),
+        ("time: plan (index join)", f"{t.get('plan', 0):.1f}s"),
         ("time: pipeline", f"{t.get('pipeline', 0):.1f}s"),
         ("time: verify", f"{t.get('verify', 0):.1f}s"),
-        ("actors", f"{len(m.get('actors', []))} x {m['resources']['device']}"),
+        ("actors", f"{len(m.get('actors', []))} x {m['resources'].get('device', '-')}" if m.get("resources")
+         else "none (no model work)"),
         ("files", f"{len(m['files']['tags'])} tags, {len(m['files']['errors'])} errors"),
         ("output", m["output"]),
     ]

@@ -1,17 +1,22 @@
 """The tagging job end to end: checks, checkpoint, listing, Ray Data pipeline, verify, commit.
 
 The order is chosen so that the cheap failures come first: config and paths (no I/O beyond
-a probe), then the checkpoint (a wrong file fails in seconds, before a listing of millions
-of keys and before any Ray worker starts), then listing, then the long pipeline. Nothing is
-committed unless the output provably holds every listed image exactly once.
+a probe), then the checkpoint and the vocabulary (a wrong file fails in seconds, before a
+listing of millions of keys and before any Ray worker starts), then listing, then the plan
+(the listing joined with the index of committed results: what is new, changed, deleted or
+already done), then the long pipeline over the work only. Nothing is committed unless every
+listed image is provably either already done or in exactly one row this run wrote.
+
+Every step leaves its result in the run's staging folder before it counts (state.py), so a
+driver killed anywhere is resumed by starting the job again with the same settings.
 
 Pipeline (Ray Data, streaming; each stage's resources are sized so that on a 2-CPU machine
 the actor pool cannot starve the decode and write tasks it depends on):
 
-    read_parquet(listing shards) -> repartition(decode.batch_size rows per block)
-      -> map_batches(fetch_decode, CPU tasks, decode.num_cpus each)
+    read_parquet(plan shards) -> repartition(decode.batch_size rows per block)
+      -> map_batches(load_inputs, CPU tasks, decode.num_cpus each)   # fetch+decode, or cached tokens
       -> map_batches(Tagger, ActorPoolStrategy(size=actors), num_gpus=gpus_per_actor)
-      -> write_datasink(TagsDatasink)   # tags/ and errors/ in one pass
+      -> write_datasink(TagsDatasink)   # tags/ and errors/ in one pass, a receipt per task
 """
 
 from __future__ import annotations
@@ -21,24 +26,31 @@ import os
 import platform
 import sys
 import time
-import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Callable, Optional
 
 import numpy as np
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 from ..errors import CheckpointError, ConfigError, RamPlusError
 from ..preprocess import DecodeLimits
+from . import index as ix
 from . import manifest as mf
-from .config import JobConfig, VocabularyConfig, redact_uri, redacted
+from . import plan as pl
+from .config import JobConfig, redact_uri, redacted, uri_scheme
 from .inference import Tagger, materialize_checkpoint
-from .listing import Fingerprint, ListingResult, list_inputs, read_listing_uris
+from .listing import Fingerprint, ListingResult, list_inputs
 from .progress import ProgressCounter, ProgressReporter, progress_line, steady_rate, summary_table
-from .reader import fetch_decode
 from .scrub import Scrubber
-from .storage import Storage, join, preflight
-from .writer import ERRORS_SCHEMA, TAGS_SCHEMA, TagsDatasink
+from .state import RunState, open_run, resume_key
+from .storage import Storage, join, local_path, preflight, to_uri
+from .vocab import _read_thresholds, build_vocabulary, descriptor, load_descriptor, save_descriptor  # noqa: F401
+from .vocab import select_vocabulary  # noqa: F401 - imported from here by older callers
+from .work import load_inputs
+from .writer import ERRORS_SCHEMA, TAGS_SCHEMA, TagsDatasink, file_prefix
 
 EXACT_DIFF_LIMIT = 1_000_000
 
@@ -91,88 +103,18 @@ def load_model_once(cfg: JobConfig, storage: Storage):
     except Exception as e:  # noqa: BLE001 - download errors of any client
         raise CheckpointError(f"checkpoint: cannot download {redact_uri(cfg.checkpoint)}: {type(e).__name__}: {e}") from None
     model = RamPlus.from_checkpoint(path, device="cpu", chunk_size=cfg.inference.chunk_size)
-    vocab = select_vocabulary(model.vocabulary, cfg.vocabulary)
+    vocab = build_vocabulary(cfg.vocabulary, model.vocabulary)
     prepared = model.prepare_vocabulary(vocab)
+    vocab_id = vocab.content_id()
     return {
         "model_id": model.model_id,
-        "vocab_id": vocab.content_id(),
+        "vocab_id": vocab_id,
         "names": list(vocab.names),
         "thresholds": np.asarray(vocab.thresholds, dtype=np.float32),
         "arrays": prepared.to_numpy(),
         "descriptions_per_tag": int(vocab.embeds.shape[1]),
+        "descriptor": descriptor(vocab, vocab_id),
     }
-
-
-def _read_lines(key: str, path: str) -> list[str]:
-    try:
-        with open(path, encoding="utf-8") as f:
-            lines = [ln.strip() for ln in f if ln.strip() and not ln.lstrip().startswith("#")]
-    except OSError as e:
-        raise ConfigError(f"{key}: cannot read {path}: {e.strerror or e}") from None
-    if not lines:
-        raise ConfigError(f"{key}: {path} has no entries")
-    return lines
-
-
-def _read_thresholds(path: str) -> dict[str, float]:
-    """`tag<TAB>0.7`, `tag,0.7` or `tag 0.7` per line (tag names may contain spaces)."""
-    key = "vocabulary.thresholds_file"
-    out = {}
-    for n, line in enumerate(_read_lines(key, path), 1):
-        sep = "\t" if "\t" in line else ("," if "," in line else None)
-        parts = line.rsplit(sep, 1) if sep else line.rsplit(None, 1)
-        try:
-            name, value = parts[0].strip(), float(parts[1])
-        except (IndexError, ValueError):
-            raise ConfigError(f"{key}: {path} line {n}: expected 'tag<TAB>threshold', got {line!r}") from None
-        if not 0.0 <= value <= 1.0:
-            raise ConfigError(f"{key}: {path} line {n}: threshold {value} is not between 0 and 1")
-        out[name] = value
-    return out
-
-
-def select_vocabulary(vocab, vc: VocabularyConfig):
-    """Optionally keep only some tags and/or change thresholds.
-
-    Scores of the kept tags do not change: RAM++ tags never attend to each other.
-    """
-    from ..vocabulary import Vocabulary
-
-    names = None
-    key = "vocabulary.tags"
-    if vc.tags_file:
-        key = "vocabulary.tags_file"
-        names = _read_lines(key, vc.tags_file)
-    elif vc.tags:
-        names = list(vc.tags)
-    if names is None and vc.threshold is None and vc.thresholds_file is None:
-        return vocab
-    index = {n: i for i, n in enumerate(vocab.names)}
-    if names is None:
-        idx = list(range(len(vocab.names)))
-    else:
-        missing = [n for n in names if n not in index]
-        if missing:
-            raise ConfigError(f"{key}: {len(missing)} tag(s) not in the checkpoint's vocabulary, e.g. {missing[:3]}")
-        if len(set(names)) != len(names):
-            raise ConfigError(f"{key}: a tag is listed twice")
-        idx = [index[n] for n in names]
-    thresholds = np.asarray(vocab.thresholds, dtype=np.float32)[idx]
-    if vc.threshold is not None:
-        thresholds = np.full(len(idx), vc.threshold, dtype=np.float32)
-    if vc.thresholds_file is not None:
-        given = _read_thresholds(vc.thresholds_file)
-        unknown = [n for n in given if n not in index]
-        if unknown:
-            raise ConfigError(f"vocabulary.thresholds_file: {len(unknown)} tag(s) not in the checkpoint's "
-                              f"vocabulary, e.g. {unknown[:3]}")
-        pos = {vocab.names[i]: j for j, i in enumerate(idx)}
-        for name, value in given.items():
-            if name in pos:
-                thresholds[pos[name]] = value
-    t = np.asarray(idx)
-    return Vocabulary(names=[vocab.names[i] for i in idx], thresholds=thresholds, zh=[vocab.zh[i] for i in idx],
-                      embeds=vocab.embeds[t], mask=vocab.mask[t])
 
 
 def ensure_ray(cfg: JobConfig) -> bool:
@@ -219,24 +161,24 @@ def plan_resources(cfg: JobConfig) -> Plan:
                 cfg.decode.num_cpus, cfg.decode.tasks)
 
 
-def run_pipeline(cfg: JobConfig, storage: Storage, staging: str, listing: ListingResult, plan: Plan,
-                 model: dict, vocab_ref, counter, sink: TagsDatasink) -> None:
+def run_pipeline(cfg: JobConfig, storage: Storage, staging: str, files: list[str], plan: Plan,
+                 model: dict, vocab_ref, counter, sink: TagsDatasink, keys: dict, run_id: str) -> None:
     import ray
     from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
     dctx = ray.data.DataContext.get_current()
     dctx.enable_progress_bars = cfg.ray.progress_bars
     dctx.execution_options.preserve_order = False
-    pa_fs, _ = storage.pyarrow(join(staging, "listing"))
+    pa_fs, _ = storage.pyarrow(join(staging, "plan"))
     limits = DecodeLimits(max_bytes=cfg.decode.max_bytes, max_pixels=cfg.decode.max_pixels,
                           jpeg_draft=cfg.decode.jpeg_draft)
-    ds = ray.data.read_parquet(listing.files, filesystem=pa_fs, num_cpus=0.25)
+    ds = ray.data.read_parquet(files, filesystem=pa_fs, num_cpus=0.25)
     ds = ds.repartition(target_num_rows_per_block=cfg.decode.batch_size)
     ds = ds.map_batches(
-        fetch_decode,
+        load_inputs,
         batch_size=cfg.decode.batch_size,
         batch_format="pyarrow",
-        fn_kwargs={"storage": storage, "fetch": cfg.fetch, "limits": limits},
+        fn_kwargs={"storage": storage, "fetch": cfg.fetch, "limits": limits, "output_uri": cfg.output},
         num_cpus=plan.decode_cpus,
         compute=TaskPoolStrategy(size=plan.decode_tasks) if plan.decode_tasks else None,
         udf_modifying_row_count=False,
@@ -257,17 +199,45 @@ def run_pipeline(cfg: JobConfig, storage: Storage, staging: str, listing: Listin
             "model_id": model["model_id"], "vocab_id": model["vocab_id"],
             "device": plan.device, "dtype": plan.dtype, "torch_threads": plan.torch_threads,
             "chunk_size": cfg.inference.chunk_size, "score_floor": cfg.inference.score_floor,
-            "counter": counter,
+            "counter": counter, "keys": keys, "output_uri": cfg.output, "run_id": run_id,
+            "cache_tokens": cfg.cache.image_tokens, "token_dtype": cfg.cache.token_dtype,
         },
         udf_modifying_row_count=False,
     )
     ds.write_datasink(sink, ray_remote_args={"num_cpus": 0.25})
 
 
-def verify(storage: Storage, output_uri: str, staging: str, listing: ListingResult, written: list[dict]) -> dict:
-    """Re-read the uri column of every file written and compare with the listing."""
-    import pyarrow.parquet as pq
+def _fp(t: tuple) -> Fingerprint:
+    return Fingerprint(int(t[0]), int(t[1]) % 2**64, int(t[2]) % 2**64)
 
+
+def _fp_add(a: Fingerprint, b: Fingerprint) -> Fingerprint:
+    return Fingerprint(a.count + b.count, (a.s1 + b.s1) % 2**64, (a.s2 + b.s2) % 2**64)
+
+
+def run_files(rs: RunState) -> tuple[list[dict], Fingerprint, dict]:
+    """The data files the receipts of every attempt vouch for, with their rows; receipt fingerprint."""
+    files: dict[str, dict] = {}
+    fp = Fingerprint()
+    status: dict = {}
+    for t in rs.iter_receipts(["uri", "file", "status", "stage"]):
+        fp.update(t.column("uri"))
+        for f, st, stage in zip(t.column("file").to_pylist(), t.column("status").to_pylist(),
+                                t.column("stage").to_pylist()):
+            e = files.setdefault(f, {"kind": "tags" if st == ix.TAGGED else "errors", "path": f, "rows": 0})
+            e["rows"] += 1
+            k = st if st == ix.TAGGED else f"error:{stage}"
+            status[k] = status.get(k, 0) + 1
+    return sorted(files.values(), key=lambda f: f["path"]), fp, status
+
+
+def verify(storage: Storage, output_uri: str, rs: RunState, listing: ListingResult, plan: pl.Plan) -> dict:
+    """Re-read the uri column of every file the receipts name and check the run's invariant.
+
+    listed = skipped (done earlier) + work, and the rows written (over every attempt) are the
+    work, each image once: order-free fingerprints of URIs on every side.
+    """
+    written, receipt_fp, status = run_files(rs)
     fp = Fingerprint()
     counts = {"tags": 0, "errors": 0}
     by_stage: dict = {}
@@ -275,45 +245,151 @@ def verify(storage: Storage, output_uri: str, staging: str, listing: ListingResu
     for f in written:
         fs, path = storage.pyarrow(join(output_uri, f["path"]))
         cols = ["uri", "stage"] if f["kind"] == "errors" else ["uri"]
-        with fs.open_input_file(path) as fh:
-            t = pq.ParquetFile(fh).read(columns=cols)
+        try:
+            with fs.open_input_file(path) as fh:
+                t = pq.ParquetFile(fh).read(columns=cols)
+        except (FileNotFoundError, OSError) as e:
+            problems.append(f"{f['path']} cannot be read: {e}")
+            continue
         if t.num_rows != f["rows"]:
-            problems.append(f"{f['path']} holds {t.num_rows} rows, the writer reported {f['rows']}")
+            problems.append(f"{f['path']} holds {t.num_rows} rows, its receipts name {f['rows']}")
         counts[f["kind"]] += t.num_rows
         fp.update(t.column("uri"))
         if f["kind"] == "errors":
-            for s in t.column("stage").to_pylist():
-                by_stage[s] = by_stage.get(s, 0) + 1
-    ok = fp == listing.fingerprint and not problems
+            for s_ in t.column("stage").to_pylist():
+                by_stage[s_] = by_stage.get(s_, 0) + 1
+    work_fp, skipped_fp = _fp(plan.work_fp), _fp(plan.skipped_fp)
+    if _fp_add(work_fp, skipped_fp) != listing.fingerprint:
+        problems.append(f"the plan does not add up to the listing ({work_fp.count} to do + {skipped_fp.count} done "
+                        f"!= {listing.listed} listed)")
+    ok = fp == work_fp and receipt_fp == work_fp and not problems
     detail = "; ".join(problems)
-    if fp != listing.fingerprint:
-        detail = (f"listed {listing.listed} images, wrote {counts['tags']} tag rows + {counts['errors']} error rows "
-                  f"= {fp.count}") + (f"; {detail}" if detail else "")
-        if listing.listed <= EXACT_DIFF_LIMIT:
-            detail += "; " + _exact_diff(storage, output_uri, staging, listing, written)
-    return {"ok": ok, "detail": detail or "", "tagged": counts["tags"], "errors": counts["errors"],
+    if fp != work_fp or receipt_fp != work_fp:
+        head = (f"{work_fp.count} images to do, wrote {counts['tags']} tag rows + {counts['errors']} error rows "
+                f"= {fp.count}")
+        if work_fp.count <= EXACT_DIFF_LIMIT:
+            head += "; " + _exact_diff(storage, output_uri, rs, plan, written)
+        detail = head + (f"; {detail}" if detail else "")
+    return {"ok": ok, "detail": detail, "tagged": counts["tags"], "errors": counts["errors"],
             "errors_by_stage": by_stage, "listing_fingerprint": listing.fingerprint.as_dict(),
-            "output_fingerprint": fp.as_dict()}
+            "output_fingerprint": fp.as_dict(), "work_fingerprint": work_fp.as_dict(),
+            "skipped_fingerprint": skipped_fp.as_dict(), "files": written}
 
 
-def _exact_diff(storage, output_uri, staging, listing, written) -> str:
+def _exact_diff(storage, output_uri, rs: RunState, plan: pl.Plan, written) -> str:
     import collections
 
-    import pyarrow.parquet as pq
-
-    listed = set()
-    for col in read_listing_uris(storage, staging, listing.files):
-        listed.update(col.to_pylist())
+    fs, _ = storage.pyarrow(join(rs.staging, "plan"))
+    todo = set()
+    for path in plan.files:
+        todo.update(pq.read_table(path, columns=["uri"], filesystem=fs).column("uri").to_pylist())
     seen: collections.Counter = collections.Counter()
     for f in written:
-        fs, path = storage.pyarrow(join(output_uri, f["path"]))
-        with fs.open_input_file(path) as fh:
-            seen.update(pq.ParquetFile(fh).read(columns=["uri"]).column("uri").to_pylist())
-    missing = sorted(listed - set(seen))
+        ffs, path = storage.pyarrow(join(output_uri, f["path"]))
+        try:
+            with ffs.open_input_file(path) as fh:
+                seen.update(pq.ParquetFile(fh).read(columns=["uri"]).column("uri").to_pylist())
+        except (FileNotFoundError, OSError):
+            pass
+    missing = sorted(todo - set(seen))
     dup = sorted(u for u, c in seen.items() if c > 1)
-    extra = sorted(set(seen) - listed)
+    extra = sorted(set(seen) - todo)
     return (f"{len(missing)} missing (e.g. {missing[:3]}), {len(dup)} written more than once (e.g. {dup[:3]}), "
-            f"{len(extra)} not listed (e.g. {extra[:3]})")
+            f"{len(extra)} not to do (e.g. {extra[:3]})")
+
+
+def remaining_work(storage: Storage, rs: RunState, plan: pl.Plan) -> tuple[list[str], int]:
+    """Plan shards less the images earlier attempts' receipts vouch for; (shards, rows kept)."""
+    done = [t.column("uri") for t in rs.iter_receipts(["uri"])]
+    if not done:
+        return list(plan.files), 0
+    h1, h2 = ix.uri_hashes(pa.chunked_array(done))
+    order = np.lexsort((h2, h1))
+    st = ix.IndexState.empty()
+    st.h1, st.h2 = h1[order], h2[order]
+    fs, root = storage.pyarrow(join(rs.staging, f"todo-{rs.attempt:02d}"))
+    from .storage import ensure_dir
+
+    ensure_dir(fs, root)
+    out = []
+    for path in plan.files:
+        t = pq.read_table(path, filesystem=fs)
+        q1, q2 = ix.uri_hashes(t.column("uri"))
+        left = st.lookup(q1, q2) < 0
+        if left.any():
+            dest = f"{root}/part-{len(out):05d}.parquet"
+            pq.write_table(t.filter(pa.array(left)), dest, filesystem=fs, compression="zstd")
+            out.append(dest)
+    return out, len(h1)
+
+
+def delete_orphans(storage: Storage, output_uri: str, rs: RunState, cfg: JobConfig, keep: set) -> list[str]:
+    """Data files of this run that no receipt vouches for (a task killed mid-way): deleted before the commit."""
+    import pyarrow.fs as pafs
+
+    gone = []
+    prefix = file_prefix(rs.run_id)
+    for kind in ("tags", "errors"):
+        sub = [f"run_date={rs.run_date}"] if cfg.layout.partition_by[:1] == ("run_date",) else []
+        fs, root = storage.pyarrow(join(output_uri, kind, *sub))
+        try:
+            infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True, recursive=True))
+        except FileNotFoundError:
+            continue
+        base = storage.pyarrow(output_uri)[1].rstrip("/") + "/"
+        for i in infos:
+            if i.type != pafs.FileType.File:
+                continue
+            name = i.base_name
+            ours = name.startswith(prefix) or (name.startswith(".") and f".{prefix}" in name)
+            rel = i.path[len(base):] if i.path.startswith(base) else i.path
+            if ours and rel not in keep:
+                fs.delete_file(i.path)
+                gone.append(rel)
+    return gone
+
+
+def write_index_delta(storage: Storage, output_uri: str, rs: RunState, plan: pl.Plan) -> int:
+    """The run's index rows: every receipt row, then a row per tombstone."""
+    def tables():
+        yield from rs.iter_receipts()
+        if plan.tombstones:
+            fs, path = storage.pyarrow(join(output_uri, plan.tombstones["path"]))
+            t = pq.read_table(path, filesystem=fs)
+            n = t.num_rows
+            yield pa.table({
+                "uri": t.column("uri"), "version": t.column("version"), "etag": t.column("etag"),
+                "size": pa.nulls(n, pa.int64()), "mtime": pa.nulls(n, pa.timestamp("us", tz="UTC")),
+                "status": pa.array([ix.DELETED] * n, pa.string()), "stage": pa.nulls(n, pa.string()),
+                "model_id": pa.nulls(n, pa.string()), "vocab_id": pa.nulls(n, pa.string()),
+                "score_floor": pa.nulls(n, pa.float32()), "run_id": t.column("run_id"),
+                "file": pa.array([plan.tombstones["path"]] * n, pa.string()),
+                "tokens_file": pa.nulls(n, pa.string()), "tokens_row": pa.nulls(n, pa.int32()),
+            })
+
+    return ix.write_rows(storage, ix.delta_uri(output_uri, rs.run_id), tables())
+
+
+def input_prefixes(inputs) -> list[str]:
+    """The URI prefix of each input as listed URIs spell it (for the tombstone scope)."""
+    out = []
+    for u in inputs:
+        scheme = uri_scheme(u)
+        out.append(to_uri("file", local_path(u)) if scheme == "file" else f"{scheme}://{u.split('://', 1)[1]}")
+    return [p.rstrip("/") for p in out]
+
+
+def _listing_dict(listing: ListingResult) -> dict:
+    return {"files": listing.files, "listed": listing.listed, "skipped": listing.skipped,
+            "list_errors": listing.list_errors, "skipped_examples": listing.skipped_examples,
+            "per_input": listing.per_input, "fingerprint": [listing.fingerprint.count, listing.fingerprint.s1,
+                                                            listing.fingerprint.s2], "seconds": listing.seconds}
+
+
+def _listing_from(d: dict) -> ListingResult:
+    return ListingResult(files=d["files"], listed=d["listed"], skipped=d["skipped"], list_errors=d["list_errors"],
+                         skipped_examples=d["skipped_examples"], per_input=d["per_input"],
+                         fingerprint=Fingerprint(*d["fingerprint"]), seconds=d.get("seconds", 0.0))
 
 
 def _cleanup_staging(storage: Storage, staging: str) -> None:
@@ -357,17 +433,6 @@ def versions() -> dict:
             "platform": platform.platform()}
 
 
-def _check_run_id_free(storage: Storage, output_uri: str, run_id: str, staging: str) -> None:
-    import pyarrow.fs as pafs
-
-    for uri in (join(output_uri, mf.RUNS_DIR, f"{run_id}.json"), join(output_uri, mf.RUNS_DIR, f"{run_id}.FAILED.json"),
-                staging):
-        fs, path = storage.pyarrow(uri)
-        if fs.get_file_info(path).type != pafs.FileType.NotFound:
-            raise ConfigError(f"run_id: {run_id} was already used in {redact_uri(output_uri)}; "
-                              "leave run_id unset for a fresh one")
-
-
 # -- the whole run -------------------------------------------------------------------------
 
 def run(cfg: JobConfig, emit: Callable[[str], None] = print) -> RunResult:
@@ -378,10 +443,6 @@ def run(cfg: JobConfig, emit: Callable[[str], None] = print) -> RunResult:
     scrubber = Scrubber.for_run(cfg, storage)
     emit = scrubber.emit(emit)
     preflight(cfg, storage)
-    run_id = cfg.run_id or mf.new_run_id(started_at, uuid.uuid4().hex)
-    staging = join(cfg.output, "_staging", run_id)
-    _check_run_id_free(storage, cfg.output, run_id, staging)
-    emit(f"run {run_id}: {len(cfg.input)} input(s) -> {redact_uri(cfg.output)} (storage: {storage.describe()})")
 
     t = time.perf_counter()
     model = load_model_once(cfg, storage)
@@ -389,91 +450,168 @@ def run(cfg: JobConfig, emit: Callable[[str], None] = print) -> RunResult:
     emit(f"checkpoint ok: model_id {model['model_id']}, {len(model['names'])} tags, vocab_id {model['vocab_id']} "
          f"({timings['checkpoint']:.1f}s)")
 
-    import ray
+    rs = open_run(storage, cfg, resume_key(cfg, model["model_id"], model["vocab_id"]), started_at, emit)
+    rs.start_heartbeat()
+    try:
+        return _run(cfg, emit, storage, model, rs, timings, t_start, scrubber)
+    finally:
+        rs.stop_heartbeat()
+
+
+def _run(cfg: JobConfig, emit, storage: Storage, model: dict, rs: RunState, timings: dict, t_start: float,
+         scrubber: Scrubber) -> RunResult:
+    run_id, staging = rs.run_id, rs.staging
+    emit(f"run {run_id}: {len(cfg.input)} input(s) -> {redact_uri(cfg.output)} (storage: {storage.describe()}, "
+         f"mode {cfg.mode})")
 
     t = time.perf_counter()
-    started_ray = ensure_ray(cfg)
-    plan = plan_resources(cfg)
-    timings["ray_start"] = time.perf_counter() - t
-    arrays = model.pop("arrays")
-    vocab_bytes = int(sum(a.nbytes for a in arrays.values()))
-    t = time.perf_counter()
-    vocab_ref = ray.put(arrays)
-    timings["vocab_put"] = time.perf_counter() - t
-    del arrays
-    emit(f"ray: {plan.cluster_cpus:g} CPUs, {plan.cluster_gpus:g} GPUs on {plan.nodes} node(s); {plan.actors} "
-         f"{plan.device} actor(s); vocabulary {vocab_bytes / 2**20:.1f} MiB put once")
-
-    t = time.perf_counter()
-    listing = list_inputs(cfg.input, storage, cfg.listing.extensions, staging, cfg.listing.rows_per_file, emit)
+    if rs.listing:
+        listing = _listing_from(rs.listing)
+    else:
+        listing = list_inputs(cfg.input, storage, cfg.listing.extensions, staging, cfg.listing.rows_per_file, emit)
+        rs.put_json("listing.json", _listing_dict(listing))
     timings["listing"] = time.perf_counter() - t
     emit(f"listed {listing.listed} images ({listing.skipped} other objects skipped) in {timings['listing']:.1f}s")
 
-    sink = TagsDatasink(cfg.output, storage, run_id=run_id, run_date=started_at.date().isoformat(),
-                        model_id=model["model_id"], vocab_id=model["vocab_id"],
-                        partition_by=cfg.layout.partition_by, shards=cfg.layout.shards,
-                        rows_per_file=cfg.layout.rows_per_file, compression=cfg.layout.compression)
-    counter = ProgressCounter.remote()
+    t = time.perf_counter()
+    index_info: dict = {}
+    if rs.plan:
+        plan = pl.Plan.from_dict(rs.plan["plan"])
+        index_info = rs.plan.get("index", {})
+    else:
+        committed = mf.committed_runs(cfg.output, storage)
+        state = ix.load_state(storage, cfg.output, committed) if cfg.mode == "missing" else ix.IndexState.empty()
+        save_descriptor(storage, cfg.output, model["descriptor"])
+        descriptors: dict = {}
+
+        def get_descriptor(vid):
+            if vid not in descriptors:
+                descriptors[vid] = load_descriptor(storage, cfg.output, vid)
+            return descriptors[vid]
+
+        plan = pl.make_plan(storage=storage, output_uri=cfg.output, staging=staging, listing_files=listing.files,
+                            state=state, mode=cfg.mode, model_id=model["model_id"], vocab_id=model["vocab_id"],
+                            desc=model["descriptor"], score_floor=cfg.inference.score_floor,
+                            retry_stages=cfg.incremental.retry_stages, prefixes=input_prefixes(cfg.input),
+                            run_id=run_id, run_date=rs.run_date, token_cache=cfg.cache.image_tokens,
+                            rows_per_file=cfg.listing.rows_per_file, descriptors=get_descriptor)
+        deltas = sum(1 for f in state.sources if f.kind == "delta")
+        index_info = {"entries": len(state), "rows_read": state.rows_read, "files_read": len(state.sources),
+                      "deltas_since_base": deltas, "memory_bytes": state.nbytes, "load_s": round(state.seconds, 3)}
+        rs.put_json("plan.json", {"plan": plan.as_dict(), "index": index_info})
+    timings["plan"] = time.perf_counter() - t
+    c = plan.counts
+    emit(f"plan: {plan.work} to do ({c['new']} new, {c['changed']} changed, {c['retried']} retried, {c['grown']} "
+         f"grown, {c['retagged']} retagged), {c['skipped']} already done, {c['deleted']} deleted "
+         f"({timings['plan']:.1f}s)")
+
+    todo, kept_rows = remaining_work(storage, rs, plan)
+    todo_rows = plan.work - kept_rows
+    if kept_rows:
+        emit(f"resume: {kept_rows} images done by earlier attempts, {todo_rows} left")
+
+    import ray
+
+    arrays = model.pop("arrays")
+    vocab_bytes = int(sum(a.nbytes for a in arrays.values()))
     snap: dict = {"actors": [], "prepare_calls": 0}
     pipeline_error = None
-    t = time.perf_counter()
+    started_ray = False
+    res_plan = None
     pipeline_started_at = time.time()
-    if listing.listed:
-        reporter = ProgressReporter(counter, listing.listed, cfg.ray.progress_interval_s, emit).start()
+    t = time.perf_counter()
+    if todo_rows > 0:
+        started_ray = ensure_ray(cfg)
+        res_plan = plan_resources(cfg)
+        timings["ray_start"] = time.perf_counter() - t
+        t = time.perf_counter()
+        vocab_ref = ray.put(arrays)
+        timings["vocab_put"] = time.perf_counter() - t
+        emit(f"ray: {res_plan.cluster_cpus:g} CPUs, {res_plan.cluster_gpus:g} GPUs on {res_plan.nodes} node(s); "
+             f"{res_plan.actors} {res_plan.device} actor(s); vocabulary {vocab_bytes / 2**20:.1f} MiB put once")
+        sink = TagsDatasink(cfg.output, storage, run_id=run_id, run_date=rs.run_date,
+                            model_id=model["model_id"], vocab_id=model["vocab_id"],
+                            partition_by=cfg.layout.partition_by, shards=cfg.layout.shards,
+                            rows_per_file=cfg.layout.rows_per_file, compression=cfg.layout.compression,
+                            staging=staging, attempt=rs.attempt, score_floor=cfg.inference.score_floor)
+        counter = ProgressCounter.remote()
+        t = time.perf_counter()
+        pipeline_started_at = time.time()
+        reporter = ProgressReporter(counter, todo_rows, cfg.ray.progress_interval_s, emit).start()
         try:
-            run_pipeline(cfg, storage, staging, listing, plan, model, vocab_ref, counter, sink)
+            run_pipeline(cfg, storage, staging, todo, res_plan, model, vocab_ref, counter, sink, plan.keys, run_id)
         except Exception as e:  # noqa: BLE001 - recorded in the FAILED manifest, then re-raised
             pipeline_error = scrubber.text(f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}")
         finally:
             reporter.stop()
-    timings["pipeline"] = time.perf_counter() - t
-    try:
-        snap = ray.get(counter.snapshot.remote(), timeout=60)
-        emit(progress_line(snap, listing.listed, timings["pipeline"]))
-    except Exception:  # noqa: BLE001
-        pass
-    ray.kill(counter)
+        timings["pipeline"] = time.perf_counter() - t
+        try:
+            snap = ray.get(counter.snapshot.remote(), timeout=60)
+            emit(progress_line(snap, todo_rows, timings["pipeline"]))
+        except Exception:  # noqa: BLE001
+            pass
+        ray.kill(counter)
+    else:
+        timings["pipeline"] = 0.0
+    del arrays
 
     t = time.perf_counter()
     if pipeline_error is None:
-        check = verify(storage, cfg.output, staging, listing, sink.written)
+        check = verify(storage, cfg.output, rs, listing, plan)
     else:
         check = {"ok": False, "detail": f"pipeline failed: {pipeline_error}", "tagged": 0, "errors": 0,
-                 "errors_by_stage": {}}
+                 "errors_by_stage": {}, "files": run_files(rs)[0]}
     if snap.get("prepare_calls"):
         check["ok"] = False
         check["detail"] += f"; an inference actor recomputed the vocabulary {snap['prepare_calls']} time(s)"
+    orphans = []
+    if check["ok"]:
+        orphans = delete_orphans(storage, cfg.output, rs, cfg, {f["path"] for f in check["files"]})
     timings["verify"] = time.perf_counter() - t
-    timings["total"] = time.perf_counter() - t_start
+    written = check.pop("files")
     done = check["tagged"] + check["errors"]
+    ran = done - kept_rows if done >= kept_rows else done
+    counts_inc = {"mode": cfg.mode, **{k: plan.counts.get(k, 0) for k in pl.CATEGORIES}, "deleted": plan.counts["deleted"],
+                  "work": plan.work}
     manifest = {
         "manifest_version": mf.MANIFEST_VERSION,
         "run_id": run_id,
         "status": "committed" if check["ok"] else "failed",
-        "started_at": started_at.isoformat(),
+        "started_at": rs.started_at,
         "finished_at": datetime.now(timezone.utc).isoformat(),
         "output": redact_uri(cfg.output),
         "inputs": [redact_uri(u) for u in cfg.input],
         "checkpoint": redact_uri(cfg.checkpoint),
+        "mode": cfg.mode,
         "model_id": model["model_id"],
         "vocab_id": model["vocab_id"],
         "vocabulary": {"tags": len(model["names"]), "descriptions_per_tag": model["descriptions_per_tag"],
-                       "object_bytes": vocab_bytes},
+                       "object_bytes": vocab_bytes, "file": redact_uri(cfg.vocabulary.file) if cfg.vocabulary.file
+                       else None,
+                       "grown_from": {k: {kk: v[kk] for kk in ("vocab_id", "floor", "copied_tags")}
+                                      | {"computed_tags": len(v["compute"])} for k, v in plan.keys.items()}},
         "counts": {"listed": listing.listed, "tagged": check["tagged"], "errors": check["errors"],
                    "skipped": listing.skipped, "errors_by_stage": check["errors_by_stage"],
-                   "per_input": {redact_uri(k): v for k, v in listing.per_input.items()}},
-        "invariant": {k: check.get(k) for k in ("ok", "detail", "listing_fingerprint", "output_fingerprint")},
-        "images_per_s": done / timings["pipeline"] if timings["pipeline"] > 0 and done else 0.0,
+                   "per_input": {redact_uri(k): v for k, v in listing.per_input.items()},
+                   "incremental": counts_inc, "inputs_needed": plan.need},
+        "invariant": {k: check.get(k) for k in ("ok", "detail", "listing_fingerprint", "output_fingerprint",
+                                                 "work_fingerprint", "skipped_fingerprint")},
+        "images_per_s": ran / timings["pipeline"] if timings["pipeline"] > 0 and ran else 0.0,
         "steady_images_per_s": steady_rate(snap),
         "pipeline_events_s": _events(snap, pipeline_started_at),
         # seconds the actors spent inside the model: images / inference_s is the model-only
         # rate as it ran inside this job (busy time / actors / pipeline time = actor utilisation)
         "inference_s": round(snap.get("infer_s", 0.0), 3),
+        "model_work": snap.get("work", {}),
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
-        "resources": dataclasses.asdict(plan),
+        "resources": dataclasses.asdict(res_plan) if res_plan else {},
         "actors": snap.get("actors", []),
-        "files": {"tags": [f for f in sink.written if f["kind"] == "tags"],
-                  "errors": [f for f in sink.written if f["kind"] == "errors"]},
+        "index": index_info | {"plan_s": plan.seconds},
+        "resume": {"attempt": rs.attempt, "resumed": rs.resumed, "kept_rows": kept_rows,
+                   "orphans_deleted": orphans},
+        "files": {"tags": [f for f in written if f["kind"] == "tags"],
+                  "errors": [f for f in written if f["kind"] == "errors"],
+                  "tombstones": [plan.tombstones] if plan.tombstones else []},
         "layout": {"partition_by": list(cfg.layout.partition_by), "shards": cfg.layout.shards,
                    "tags_schema": TAGS_SCHEMA.to_string(show_schema_metadata=False).splitlines(),
                    "errors_schema": ERRORS_SCHEMA.to_string(show_schema_metadata=False).splitlines()},
@@ -483,14 +621,27 @@ def run(cfg: JobConfig, emit: Callable[[str], None] = print) -> RunResult:
         "argv": [redact_uri(a) for a in sys.argv],
     }
     manifest = scrubber.obj(manifest)
-    summary = summary_table(manifest)
     if not check["ok"]:
+        timings["total"] = time.perf_counter() - t_start
+        manifest["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
         uri = mf.write_failed(storage, cfg.output, run_id, manifest)
-        emit(summary)
+        emit(summary_table(manifest))
         if started_ray:
             ray.shutdown()
-        raise JobFailed(f"run {run_id} not committed: {check['detail']} (details in {redact_uri(uri)})", uri)
+        raise JobFailed(f"run {run_id} not committed: {check['detail']} (details in {redact_uri(uri)}); "
+                        "start it again with the same settings to resume", uri)
+    t = time.perf_counter()
+    manifest["index"]["delta_rows"] = write_index_delta(storage, cfg.output, rs, plan)
+    if index_info.get("deltas_since_base", 0) + 1 >= cfg.incremental.compact_after:
+        manifest["index"]["compaction"] = ix.compact(storage, cfg.output, run_id,
+                                                     mf.committed_runs(cfg.output, storage) + [run_id])
+    timings["commit"] = time.perf_counter() - t
+    timings["total"] = time.perf_counter() - t_start
+    manifest["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
+    summary = summary_table(manifest)
     uri = mf.commit(storage, cfg.output, run_id, manifest)
+    rs.stop_heartbeat()
+    mf.clear_failed(storage, cfg.output, run_id)  # an earlier attempt that failed is now superseded
     if not cfg.layout.keep_listing:
         _cleanup_staging(storage, staging)
     emit(summary)

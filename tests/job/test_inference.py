@@ -61,14 +61,14 @@ def test_batch_rows(tagger):
 
 def test_a_failing_image_costs_one_row(tagger, monkeypatch):
     t, _ = tagger
-    real = t._probs
+    real = t._tokens
 
-    def flaky(pixels):  # the model fails on any batch holding an all-black image
+    def flaky(pixels):  # the backbone fails on any batch holding an all-black image
         if (pixels.reshape(len(pixels), -1).max(axis=1) == 0).any():
             raise RuntimeError("synthetic model failure")
         return real(pixels)
 
-    monkeypatch.setattr(t, "_probs", flaky)
+    monkeypatch.setattr(t, "_tokens", flaky)
     good = decode((GOLDEN / "images" / "rgb_640x480.jpg").read_bytes()).array
     rows = {"uri": ["ok", "black"], "size": [1, 1], "etag": [None, None], "mtime": [None, None],
             "width": [640, 10], "height": [480, 10],
