@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Union
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import ImageError
@@ -113,8 +112,10 @@ def decode(data: bytes, limits: DecodeLimits = DecodeLimits(), size: int = IMAGE
     return Decoded(arr, width, height)
 
 
-def normalize(batch_uint8: torch.Tensor | np.ndarray) -> torch.Tensor:
+def normalize(batch_uint8):
     """uint8 [N, H, W, 3] -> float32 [N, 3, H, W] with the ImageNet mean/std, in one op."""
+    import torch  # here, not at the top: decode workers never need torch
+
     x = torch.as_tensor(batch_uint8)
     x = x.permute(0, 3, 1, 2).to(torch.float32).div_(255.0)
     mean = torch.tensor(MEAN, dtype=torch.float32).view(1, 3, 1, 1)
