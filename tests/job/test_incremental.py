@@ -1,0 +1,90 @@
+"""Nightly runs over a real S3 server: only new work, tombstones for what is gone, a current view."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from ramplus_core.job import committed_runs, load_config, run
+from ramplus_core.job.storage import Storage
+
+from .conftest import CHECKPOINT, job_config
+
+
+def tiny_jpeg(seed: int) -> bytes:
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)).save(buf, format="JPEG", quality=80)
+    return buf.getvalue()
+
+
+def current_view(output: str, storage: Storage) -> dict:
+    """uri -> (status, run_id): the newest committed index event per image, as docs/job.md reads it."""
+    fs, root = storage.pyarrow(output)
+    runs = set(committed_runs(output, storage))
+    t = pads.dataset(f"{root}/_index", filesystem=fs, format="parquet").to_table(columns=["uri", "run_id", "status"])
+    cur: dict = {}
+    for r in t.to_pylist():
+        if r["run_id"] in runs and (r["uri"] not in cur or r["run_id"] > cur[r["uri"]][1]):
+            cur[r["uri"]] = (r["status"], r["run_id"])
+    return cur
+
+
+@pytest.mark.slow
+def test_nightly_runs_do_only_new_work(ray_local, s3_server, tmp_path):
+    fs = s3_server.fs()
+    prefix = f"{s3_server.bucket}/nightly/in"
+    objects = {f"{prefix}/img_{i:03d}.jpg": tiny_jpeg(i) for i in range(98)}
+    objects[f"{prefix}/bad/corrupt.jpg"] = b"\xff\xd8\xff not really a jpeg"
+    objects[f"{prefix}/bad/empty.jpg"] = b""
+    fs.pipe(objects)
+    output = f"s3://{s3_server.bucket}/nightly/out/"
+    storage = Storage(endpoint_url=s3_server.endpoint, access_key_id=s3_server.key,
+                      secret_access_key=s3_server.secret, region="us-east-1")
+    conf = job_config(tmp_path, storage=s3_server.storage_config(), decode={"batch_size": 16},
+                      inference={"batch_size": 16}, layout={"shards": 2})
+
+    def go():
+        cfg = load_config(str(conf), inputs=[f"s3://{prefix}/"], output=output, checkpoint=str(CHECKPOINT))
+        return run(cfg, emit=lambda s: None).manifest
+
+    m1 = go()
+    assert (m1["counts"]["tagged"], m1["counts"]["errors"], m1["counts"]["incremental"]["new"]) == (98, 2, 100)
+
+    m2 = go()
+    inc = m2["counts"]["incremental"]
+    assert (m2["counts"]["tagged"], m2["counts"]["errors"], inc["skipped"], inc["work"]) == (0, 0, 100, 0), \
+        "decode errors of unchanged objects are not retried"
+    assert m2["actors"] == [] and m2["timings_s"]["pipeline"] == 0, "no work: no Ray pipeline at all"
+
+    fs.pipe({f"{prefix}/new_{i}.jpg": tiny_jpeg(1000 + i) for i in range(5)})
+    fs.pipe({f"{prefix}/img_000.jpg": tiny_jpeg(2000), f"{prefix}/img_001.jpg": tiny_jpeg(2001)})
+    fs.pipe({f"{prefix}/img_002.jpg": objects[f"{prefix}/img_002.jpg"]})  # re-uploaded, same bytes: same ETag
+    m3 = go()
+    inc = m3["counts"]["incremental"]
+    assert (m3["counts"]["tagged"], inc["new"], inc["changed"], inc["skipped"]) == (7, 5, 2, 98)
+    assert m3["model_work"]["backbone_images"] == 7
+
+    fs.rm([f"{prefix}/img_010.jpg", f"{prefix}/img_011.jpg", f"{prefix}/bad/empty.jpg"])
+    m4 = go()
+    inc = m4["counts"]["incremental"]
+    assert (m4["counts"]["tagged"], inc["deleted"], inc["skipped"]) == (0, 3, 102)
+    tomb = m4["files"]["tombstones"]
+    assert len(tomb) == 1 and tomb[0]["rows"] == 3
+    fsa, root = storage.pyarrow(output)
+    rows = pq.read_table(f"{root}/{tomb[0]['path']}", filesystem=fsa).to_pylist()
+    assert sorted(r["uri"] for r in rows) == sorted(f"s3://{prefix}/{k}" for k in
+                                                   ("bad/empty.jpg", "img_010.jpg", "img_011.jpg"))
+    assert all(r["run_id"] == m4["run_id"] and r["deleted_at"] is not None for r in rows)
+
+    # the current view: every listed image exactly once, from the run that last dealt with it
+    cur = current_view(output, storage)
+    live = {u: v for u, v in cur.items() if v[0] != "deleted"}
+    assert len(live) == 102 and sum(v[0] == "deleted" for v in cur.values()) == 3
+    assert {v[1] for u, v in live.items() if "/new_" in u or u.endswith(("img_000.jpg", "img_001.jpg"))} == {m3["run_id"]}
+    assert cur[f"s3://{prefix}/img_002.jpg"][1] == m1["run_id"]
