@@ -7,7 +7,8 @@
     ray job submit --working-dir . -- python jobs/tag_bucket.py --config conf/default.yaml ...
 
 Exit status: 0 committed, 2 bad config or checkpoint (one line on stderr), 3 the run did
-not commit (invariant or pipeline failure; see _runs/<run_id>.FAILED.json), 1 anything else.
+not commit (invariant or pipeline failure; see _runs/<run_id>.FAILED.json), 1 anything else
+(a traceback on stderr). Whatever is printed has the run's keys replaced by ***.
 """
 
 from __future__ import annotations
@@ -87,9 +88,12 @@ def main(argv=None) -> int:
     _ensure_importable()
     from ramplus_core.errors import CheckpointError, ConfigError, VocabularyError
     from ramplus_core.job.config import load_config, parse_set
+    from ramplus_core.job.scrub import Scrubber
+
+    scrubber = Scrubber.for_run()  # keys from the environment; those of the config once it is read
 
     def fail(msg: str, code: int) -> int:
-        print(f"tag_bucket: error: {msg}", file=sys.stderr, flush=True)
+        print(scrubber.text(f"tag_bucket: error: {msg}"), file=sys.stderr, flush=True)
         return code
 
     try:
@@ -100,6 +104,7 @@ def main(argv=None) -> int:
             overrides.append(("ray.progress_bars", False))
         cfg = load_config(args.config, inputs=args.input, output=args.output, checkpoint=args.checkpoint,
                           run_id=args.run_id, vocab=args.vocab, mode=args.mode, overrides=overrides)
+        scrubber = Scrubber.for_run(cfg)
         from ramplus_core.job.runner import JobFailed, run
 
         try:
@@ -108,6 +113,11 @@ def main(argv=None) -> int:
             return fail(str(e), 3)
     except (ConfigError, CheckpointError, VocabularyError) as e:
         return fail(" ".join(str(e).split()), 2)
+    except Exception:  # noqa: BLE001 - e.g. the store went away during listing: a traceback, without keys
+        import traceback
+
+        sys.stderr.write(scrubber.text(traceback.format_exc()))
+        return 1
     return 0
 
 
