@@ -98,6 +98,7 @@ class InferenceConfig:
     dtype: str = "fp32"
     chunk_size: int = field(default=1024, metadata=_check(_positive))
     score_floor: float = field(default=0.1, metadata=_check(_unit_interval))
+    driver_max_images: int = field(default=200, metadata=_check(_non_negative))
     # Ray restarts a crashed replica and re-sends its batch, this many times (-1: forever)
     max_restarts: int = field(default=5, metadata=_check(_retry_count))
     max_task_retries: int = field(default=3, metadata=_check(_retry_count))

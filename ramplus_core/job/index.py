@@ -261,7 +261,7 @@ def load_state(storage: Storage, output_uri: str, committed: list[str]) -> Index
         fs, _ = storage.pyarrow(join(output_uri, INDEX_DIR))
         pf = pq.ParquetFile(f.path, filesystem=fs)
         offset = 0
-        for batch in pf.iter_batches(batch_size=200_000, columns=_STATE_COLUMNS):
+        for batch in pf.iter_batches(batch_size=50_000, columns=_STATE_COLUMNS):
             n = batch.num_rows
             h1, h2 = uri_hashes(batch.column("uri"))
             parts["h1"].append(h1)
@@ -289,16 +289,23 @@ def load_state(storage: Storage, output_uri: str, committed: list[str]) -> Index
             parts["row"].append(np.arange(offset, offset + n, dtype=np.int32))
             offset += n
             st.rows_read += n
-    cat = {k: np.concatenate(v) if v else np.zeros(0) for k, v in parts.items()}
+    # one key at a time, dropping each input as soon as it is folded: the peak stays near
+    # twice the arrays rather than three times
+    cat = {}
+    for k in list(parts):
+        cat[k] = np.concatenate(parts.pop(k))
     n = len(cat["h1"])
-    order = np.lexsort((np.arange(n), cat["h2"], cat["h1"]))  # by (h1, h2), then read order
-    h1s, h2s = cat["h1"][order], cat["h2"][order]
+    order = np.lexsort((cat["h2"], cat["h1"]))  # stable: equal keys stay in read order
+    h1s = cat["h1"][order]
+    h2s = cat["h2"][order]
     last = np.ones(n, dtype=bool)
     if n > 1:
         last[:-1] = (h1s[1:] != h1s[:-1]) | (h2s[1:] != h2s[:-1])
+    del h1s, h2s
     keep = order[last]
-    for k in parts:
-        setattr(st, k, cat[k][keep])
+    del order, last
+    for k in list(cat):
+        setattr(st, k, cat.pop(k)[keep])
     st.seconds = time.perf_counter() - t0
     return st
 

@@ -154,7 +154,7 @@ class Tagger:
         self.work = _zero_work()
         self.info = {
             "pid": os.getpid(),
-            "node_id": ray.get_runtime_context().get_node_id(),
+            "node_id": ray.get_runtime_context().get_node_id() if ray.is_initialized() else None,
             "device": str(model.device),
             "dtype": str(model.dtype).replace("torch.", ""),
             "torch_threads": torch.get_num_threads(),

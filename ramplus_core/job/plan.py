@@ -12,10 +12,10 @@ Per listed image, with the newest committed index entry for its URI (mode `missi
 | tagged, this model, another vocabulary sharing tags | yes | grown | only the tags it lacks |
 | tagged, another model | yes | retagged | full |
 
-`mode: all` makes every listed image full work. Entries under the run's inputs that the
-listing no longer has become tombstones (`deleted`); entries under a folder the listing
-could not read are left alone (hidden is not deleted), and so are entries outside the
-inputs (another input set sharing the output).
+`mode: all` makes every listed image full work. In both modes, entries under the run's
+inputs that the listing no longer has become tombstones (`deleted`); entries under a folder
+the listing could not read are left alone (hidden is not deleted), and so are entries
+outside the inputs (another input set sharing the output).
 
 The join is streamed: one listing shard at a time against the index arrays, writing plan
 shards of work rows (`WORK_SCHEMA`) under the run's staging folder. The driver holds the
@@ -274,7 +274,7 @@ def make_plan(*, storage: Storage, output_uri: str, staging: str, listing_files:
 
     t2 = time.perf_counter()
     plan.tombstones = _tombstones(storage, output_uri, state, seen, prefixes, list_error_prefixes, run_id,
-                                  run_date, plan) if mode == "missing" else None
+                                  run_date, plan)
     plan.seconds["tombstones"] = round(time.perf_counter() - t2, 3)
     plan.files = writer.files
     plan.need = writer.need

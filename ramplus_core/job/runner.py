@@ -207,6 +207,81 @@ def run_pipeline(cfg: JobConfig, storage: Storage, staging: str, files: list[str
     ds.write_datasink(sink, ray_remote_args={"num_cpus": 0.25})
 
 
+def runs_on_this_cpu(cfg: JobConfig) -> bool:
+    """True when the job would start its own local Ray on a machine without a GPU.
+
+    Then a small work set is cheaper in the driver, which has the model loaded already, than
+    through Ray Data (executor start, actor processes importing torch, a model per actor):
+    the same CPUs either way. With a cluster (an address, a running Ray) or a GPU, the
+    pipeline's replicas are where the work belongs.
+    """
+    import ray
+
+    if cfg.ray.address not in (None, "local") or os.environ.get("RAY_ADDRESS") or ray.is_initialized():
+        return False
+    import torch
+
+    return not torch.cuda.is_available()
+
+
+class _Ctx:
+    def __init__(self, task_idx: int):
+        self.task_idx = task_idx
+
+
+def run_in_driver(cfg: JobConfig, storage: Storage, staging: str, files: list[str], model: dict, arrays: dict,
+                  sink: TagsDatasink, keys: dict, run_id: str, total: int, emit) -> dict:
+    """The pipeline's steps in this process: load_inputs -> Tagger -> the datasink's write.
+
+    Same code as the Ray path, so the rows, receipts, token cache and verify are the same.
+    """
+    fs, _ = storage.pyarrow(join(staging, "plan"))
+    limits = DecodeLimits(max_bytes=cfg.decode.max_bytes, max_pixels=cfg.decode.max_pixels,
+                          jpeg_draft=cfg.decode.jpeg_draft)
+    tagger = Tagger(checkpoint=cfg.checkpoint, storage=storage, vocab_ref=arrays, names=model["names"],
+                    thresholds=model["thresholds"], model_id=model["model_id"], vocab_id=model["vocab_id"],
+                    device="cpu", dtype=cfg.inference.dtype, torch_threads=cfg.inference.torch_threads,
+                    chunk_size=cfg.inference.chunk_size, score_floor=cfg.inference.score_floor, counter=None,
+                    keys=keys, output_uri=cfg.output, run_id=run_id, cache_tokens=cfg.cache.image_tokens,
+                    token_dtype=cfg.cache.token_dtype)
+    snap = {"tagged": 0, "errors": 0, "by_stage": {}, "actors": [tagger.info], "prepare_calls": 0, "infer_s": 0.0,
+            "first": None, "first_n": 0, "last": None}
+    buf: list = []
+    task = 0
+    last = time.monotonic()
+    t0 = time.monotonic()
+
+    def flush():
+        nonlocal buf, task
+        if buf:
+            sink.write(buf, _Ctx(task))
+            task += 1
+            buf = []
+
+    for path in files:
+        for batch in pq.ParquetFile(path, filesystem=fs).iter_batches(batch_size=cfg.inference.batch_size):
+            out = tagger(load_inputs(pa.Table.from_batches([batch]), storage=storage, fetch=cfg.fetch,
+                                     limits=limits, output_uri=cfg.output))
+            n_ok = out.column("error").null_count
+            snap["tagged"] += n_ok
+            snap["errors"] += out.num_rows - n_ok
+            now = time.time()
+            if snap["first"] is None:
+                snap["first"], snap["first_n"] = now, out.num_rows
+            snap["last"] = now
+            buf.append(out)
+            if sum(b.num_rows for b in buf) >= cfg.layout.rows_per_file:
+                flush()
+            if time.monotonic() - last > cfg.ray.progress_interval_s:
+                emit(progress_line(snap, total, time.monotonic() - t0))
+                last = time.monotonic()
+    flush()
+    snap["prepare_calls"] = tagger.prepare_calls
+    snap["infer_s"] = tagger.infer_s
+    snap["work"] = dict(tagger.work)
+    return snap
+
+
 def _fp(t: tuple) -> Fingerprint:
     return Fingerprint(int(t[0]), int(t[1]) % 2**64, int(t[2]) % 2**64)
 
@@ -480,7 +555,7 @@ def _run(cfg: JobConfig, emit, storage: Storage, model: dict, rs: RunState, timi
         index_info = rs.plan.get("index", {})
     else:
         committed = mf.committed_runs(cfg.output, storage)
-        state = ix.load_state(storage, cfg.output, committed) if cfg.mode == "missing" else ix.IndexState.empty()
+        state = ix.load_state(storage, cfg.output, committed)
         save_descriptor(storage, cfg.output, model["descriptor"])
         descriptors: dict = {}
 
@@ -520,7 +595,23 @@ def _run(cfg: JobConfig, emit, storage: Storage, model: dict, rs: RunState, timi
     res_plan = None
     pipeline_started_at = time.time()
     t = time.perf_counter()
-    if todo_rows > 0:
+    sink = TagsDatasink(cfg.output, storage, run_id=run_id, run_date=rs.run_date,
+                        model_id=model["model_id"], vocab_id=model["vocab_id"],
+                        partition_by=cfg.layout.partition_by, shards=cfg.layout.shards,
+                        rows_per_file=cfg.layout.rows_per_file, compression=cfg.layout.compression,
+                        staging=staging, attempt=rs.attempt, score_floor=cfg.inference.score_floor)
+    in_driver = 0 < todo_rows <= cfg.inference.driver_max_images and runs_on_this_cpu(cfg)
+    if in_driver:
+        emit(f"{todo_rows} images to tag: in the driver (at most inference.driver_max_images = "
+             f"{cfg.inference.driver_max_images} on a machine without a cluster or GPU), no Ray pipeline")
+        pipeline_started_at = time.time()
+        t = time.perf_counter()
+        try:
+            snap = run_in_driver(cfg, storage, staging, todo, model, arrays, sink, plan.keys, run_id, todo_rows, emit)
+        except Exception as e:  # noqa: BLE001 - recorded in the FAILED manifest, then re-raised
+            pipeline_error = scrubber.text(f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}")
+        timings["pipeline"] = time.perf_counter() - t
+    elif todo_rows > 0:
         started_ray = ensure_ray(cfg)
         res_plan = plan_resources(cfg)
         timings["ray_start"] = time.perf_counter() - t
@@ -529,11 +620,6 @@ def _run(cfg: JobConfig, emit, storage: Storage, model: dict, rs: RunState, timi
         timings["vocab_put"] = time.perf_counter() - t
         emit(f"ray: {res_plan.cluster_cpus:g} CPUs, {res_plan.cluster_gpus:g} GPUs on {res_plan.nodes} node(s); "
              f"{res_plan.actors} {res_plan.device} actor(s); vocabulary {vocab_bytes / 2**20:.1f} MiB put once")
-        sink = TagsDatasink(cfg.output, storage, run_id=run_id, run_date=rs.run_date,
-                            model_id=model["model_id"], vocab_id=model["vocab_id"],
-                            partition_by=cfg.layout.partition_by, shards=cfg.layout.shards,
-                            rows_per_file=cfg.layout.rows_per_file, compression=cfg.layout.compression,
-                            staging=staging, attempt=rs.attempt, score_floor=cfg.inference.score_floor)
         counter = ProgressCounter.remote()
         t = time.perf_counter()
         pipeline_started_at = time.time()
@@ -604,7 +690,8 @@ def _run(cfg: JobConfig, emit, storage: Storage, model: dict, rs: RunState, timi
         "inference_s": round(snap.get("infer_s", 0.0), 3),
         "model_work": snap.get("work", {}),
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
-        "resources": dataclasses.asdict(res_plan) if res_plan else {},
+        "resources": dataclasses.asdict(res_plan) if res_plan else (
+            {"device": "cpu", "in_driver": True, "actors": 0} if in_driver else {}),
         "actors": snap.get("actors", []),
         "index": index_info | {"plan_s": plan.seconds},
         "resume": {"attempt": rs.attempt, "resumed": rs.resumed, "kept_rows": kept_rows,

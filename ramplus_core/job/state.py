@@ -16,9 +16,11 @@ between its data and its receipt) are deleted before the commit, so they can nev
 second row for an image, even for readers that glob folders.
 
 Which run to resume: started again with the same settings (`--run-id` unset), the job
-resumes the newest uncommitted run whose resume key matches, once its driver is gone: the
-same host and a dead pid, or a heartbeat older than `incremental.stale_after_s`. A run
-whose driver still lives is refused rather than joined.
+resumes the newest uncommitted run whose resume key matches (the settings that decide what
+is written: inputs, output, model, vocabulary, mode, decode limits, dtype, score floor,
+layout; not batch sizes, actors or retries), once its driver is gone: the same host and a
+dead pid, or a heartbeat older than `incremental.stale_after_s`. A run whose driver still
+lives is refused rather than joined.
 """
 
 from __future__ import annotations
@@ -45,14 +47,28 @@ STAGING_DIR = "_staging"
 HEARTBEAT_S = 10.0
 
 
+# What decides the rows a run writes. Everything else (batch sizes, actors, threads, retries,
+# Ray) only decides how fast, so a run may be resumed with more actors or smaller batches.
+_KEY_FIELDS = {
+    "": ("input", "output", "mode"),
+    "storage": ("endpoint_url",),
+    "listing": ("extensions",),
+    "decode": ("max_bytes", "max_pixels", "jpeg_draft"),
+    "inference": ("dtype", "score_floor"),
+    "layout": ("partition_by", "shards", "compression"),
+    "cache": ("image_tokens", "token_dtype"),
+    "incremental": ("retry_stages",),
+}
+
+
 def resume_key(cfg: JobConfig, model_id: str, vocab_id: str) -> str:
     """Settings that decide what a run writes; equal keys may continue each other's work."""
     d = redacted(cfg)
-    for k in ("run_id", "ray"):
-        d.pop(k, None)
-    d["storage"] = {k: v for k, v in d["storage"].items() if k in ("endpoint_url", "region")}
-    d["model_id"], d["vocab_id"] = model_id, vocab_id
-    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    picked = {"model_id": model_id, "vocab_id": vocab_id}
+    for section, names in _KEY_FIELDS.items():
+        src = d if not section else d[section]
+        picked.update({f"{section}.{k}": src[k] for k in names})
+    return hashlib.sha256(json.dumps(picked, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _process_start_ticks(pid: int) -> Optional[int]:

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import io
+import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pyarrow.dataset as pads
@@ -13,7 +17,7 @@ from PIL import Image
 from ramplus_core.job import committed_runs, load_config, run
 from ramplus_core.job.storage import Storage
 
-from .conftest import CHECKPOINT, job_config
+from .conftest import CHECKPOINT, GOLDEN, REPO, job_config
 
 
 def tiny_jpeg(seed: int) -> bytes:
@@ -88,3 +92,24 @@ def test_nightly_runs_do_only_new_work(ray_local, s3_server, tmp_path):
     assert len(live) == 102 and sum(v[0] == "deleted" for v in cur.values()) == 3
     assert {v[1] for u, v in live.items() if "/new_" in u or u.endswith(("img_000.jpg", "img_001.jpg"))} == {m3["run_id"]}
     assert cur[f"s3://{prefix}/img_002.jpg"][1] == m1["run_id"]
+
+
+def test_a_small_work_set_runs_in_the_driver(tmp_path):
+    """A nightly run with few changes on one machine: no Ray started, same rows, receipts, index."""
+    import shutil
+
+    src, out = tmp_path / "in", tmp_path / "out"
+    shutil.copytree(GOLDEN / "images", src)
+    (src / "broken.jpg").write_bytes(b"not an image")
+    cmd = [sys.executable, str(REPO / "jobs" / "tag_bucket.py"), "--config", str(job_config(tmp_path)),
+           "--input", str(src), "--output", str(out), "--checkpoint", str(CHECKPOINT), "--quiet"]
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ADDRESS": "", "CUDA_VISIBLE_DEVICES": ""}
+    env.pop("RAY_ADDRESS")
+    res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "in the driver" in res.stdout and "ray:" not in res.stdout
+    (manifest,) = [p for p in (out / "_runs").iterdir() if p.name.endswith(".json")]
+    m = json.loads(manifest.read_text())
+    assert m["resources"]["in_driver"] and (m["counts"]["tagged"], m["counts"]["errors"]) == (6, 1)
+    assert m["model_work"]["backbone_images"] == 6 and m["invariant"]["ok"]
+    assert len(current_view(str(out), Storage())) == 7

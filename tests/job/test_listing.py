@@ -95,23 +95,44 @@ def test_fingerprint_sees_missing_and_duplicate():
 
 
 def test_verify_reports_missing_and_duplicated_rows(mixed_dir, tmp_path):
+    from ramplus_core.job import index as ix
+    from ramplus_core.job.plan import make_plan
+    from ramplus_core.job.state import RunState
+
     storage = Storage()
-    staging = str(tmp_path / "staging")
-    listing = list_inputs([str(mixed_dir)], storage, IMAGE_EXTENSIONS, staging, rows_per_file=100)
-    uris = [u for t in read_shards(storage, listing.files, staging) for u in t.column("uri").to_pylist()]
     out = tmp_path / "out"
+    rs = RunState(storage, str(out), "r", "key", 1, "2026-03-01", "2026-03-01T00:00:00", False)
+    listing = list_inputs([str(mixed_dir)], storage, IMAGE_EXTENSIONS, rs.staging, rows_per_file=100)
+    plan = make_plan(storage=storage, output_uri=str(out), staging=rs.staging, listing_files=listing.files,
+                     state=ix.IndexState.empty(), mode="missing", model_id="m", vocab_id="v", desc={},
+                     score_floor=0.1, retry_stages=(), prefixes=[str(mixed_dir)], run_id="r", run_date="2026-03-01",
+                     token_cache=False, rows_per_file=1000, descriptors=lambda v: None)
+    uris = [u for t in read_shards(storage, listing.files, rs.staging) for u in t.column("uri").to_pylist()]
     (out / "errors").mkdir(parents=True)
+    (out / "_staging" / "r" / "done").mkdir(parents=True)
 
     def write(name, rows):
+        """A data file and the receipt that vouches for it, as a write task leaves them."""
         t = pa.table({"uri": rows, "error": ["x"] * len(rows), "stage": ["decode"] * len(rows),
                       "run_id": ["r"] * len(rows)}, schema=ERRORS_SCHEMA)
         pq.write_table(t, out / "errors" / name)
-        return {"kind": "errors", "path": f"errors/{name}", "rows": len(rows)}
+        receipt = pa.table({"uri": rows, "status": ["error"] * len(rows), "stage": ["decode"] * len(rows),
+                            "file": [f"errors/{name}"] * len(rows), "run_id": ["r"] * len(rows)})
+        cols = [receipt.column(f.name).cast(f.type) if f.name in receipt.column_names
+                else pa.nulls(len(rows), f.type) for f in ix.INDEX_SCHEMA]
+        pq.write_table(pa.Table.from_arrays(cols, schema=ix.INDEX_SCHEMA), out / "_staging" / "r" / "done" / name)
 
-    good = [write("a.parquet", uris[:5]), write("b.parquet", uris[5:])]
-    assert verify(storage, str(out), staging, listing, good)["ok"]
-    bad = [write("c.parquet", uris[:5]), write("d.parquet", uris[4:-1])]  # uris[4] twice, last one missing
-    check = verify(storage, str(out), staging, listing, bad)
+    def clear():
+        for p in list((out / "errors").iterdir()) + list((out / "_staging" / "r" / "done").iterdir()):
+            p.unlink()
+
+    write("a.parquet", uris[:5])
+    write("b.parquet", uris[5:])
+    assert verify(storage, str(out), rs, listing, plan)["ok"]
+    clear()
+    write("c.parquet", uris[:5])
+    write("d.parquet", uris[4:-1])  # uris[4] twice, the last one missing
+    check = verify(storage, str(out), rs, listing, plan)
     assert not check["ok"]
     assert "1 missing" in check["detail"] and "1 written more than once" in check["detail"]
     assert uris[-1] in check["detail"] and uris[4] in check["detail"]

@@ -140,11 +140,11 @@ def test_classification_and_tombstones(tmp_path):
     assert Fingerprint(*total) == out.listing_fp, "work + skipped is exactly the listing"
     tomb = pq.read_table(tmp_path / "out" / plan.tombstones["path"]).to_pylist()
     assert [(t["uri"], t["etag"], t["last_run_id"]) for t in tomb] == [(u("gone"), "e1", "20260101T000000Z-aaaaaa")]
-    # a decode error is retried once configured; mode all re-tags everything and deletes nothing
+    # a decode error is retried once configured; mode all re-tags everything and still finds deletions
     _, plan = out.plan(tmp_path, files, retry=("decode",))
     assert plan.counts["retried"] == 1 and u("decode_err") in plan_rows(plan)
     _, plan = out.plan(tmp_path, files, mode="all")
-    assert plan.work == 8 and plan.counts["skipped"] == 0 and plan.tombstones is None
+    assert plan.work == 8 and plan.counts["skipped"] == 0 and plan.counts["deleted"] == 1
 
 
 def test_local_versions_use_size_and_mtime(tmp_path):

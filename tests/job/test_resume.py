@@ -50,7 +50,7 @@ def test_sigkill_of_the_driver_then_rerun(ray_local, tmp_path):
                       inference={"batch_size": 4})
     cmd = [sys.executable, str(REPO / "jobs" / "tag_bucket.py"), "--config", str(conf), "--input", str(src),
            "--output", str(out), "--checkpoint", str(CHECKPOINT), "--ray-address", "local",
-           "--set", "ray.num_cpus=2", "--quiet"]
+           "--set", "ray.num_cpus=2", "--set", "inference.driver_max_images=0", "--quiet"]
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     log = open(tmp_path / "driver.log", "wb")
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
