@@ -121,3 +121,17 @@ def test_added_tags_cost_only_the_delta_and_old_scores_are_copied(ray_local, tmp
         got = scores(row)
         assert got == scores(latest[uri])
         assert row["tags"] == [t for t, s in got.items() if s > np.float32(0.55)]
+
+
+def test_a_bad_vocabulary_file_fails_before_listing(tmp_path):
+    from ramplus_core.errors import VocabularyError
+
+    src, out = tmp_path / "in", tmp_path / "out"
+    shutil.copytree(GOLDEN / "images", src)
+    np.save(tmp_path / "bad.npy", np.ones((2, 3), np.float32))
+    bad = vocab_file(tmp_path, "bad.yaml", "all", [{"name": "team event", "embeddings": "bad.npy"}])
+    cfg = load_config(str(job_config(tmp_path)), inputs=[str(src)], output=str(out), checkpoint=str(CHECKPOINT),
+                      vocab=bad)
+    with pytest.raises(VocabularyError, match=r"vocabulary.file .*bad.yaml: tag 'team event': embeddings must be"):
+        run(cfg, emit=lambda s: None)
+    assert not (out / "_staging").exists() and not (out / "_runs").exists()
