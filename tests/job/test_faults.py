@@ -88,6 +88,7 @@ def _our_ray_workers() -> dict[int, str]:
     return out
 
 
+@pytest.mark.slow  # 30 s on a quiet machine, 60-90 s here under others' load
 def test_replica_killed_mid_batch_is_restarted_and_its_batch_redone(ray_local, tmp_path):
     src = tmp_path / "in"
     src.mkdir()
