@@ -130,13 +130,17 @@ def decode_rate(files: list[Path]) -> float:
     return len(data) / (time.process_time() - t)
 
 
-def model_only(model, files: list[Path], batch: int, threads: int, jpeg_draft: bool) -> float:
+def model_only(model, files: list[Path], batch: int, threads: int, jpeg_draft: bool | None = None) -> float:
     """Images/s of RamPlus.logits alone over pre-decoded images (first batch is a warm-up)."""
     import torch
 
     from ramplus_core.preprocess import DecodeLimits, decode, normalize
 
     torch.set_num_threads(threads)
+    if jpeg_draft is None:  # decode as the job does by default, so the ratio compares like with like
+        from ramplus_core.job.config import DecodeConfig
+
+        jpeg_draft = DecodeConfig().jpeg_draft
     limits = DecodeLimits(jpeg_draft=jpeg_draft)
     arrays = np.stack([decode(p.read_bytes(), limits).array for p in files])
     model.logits(normalize(arrays[:batch]))
@@ -234,7 +238,7 @@ def main() -> None:
         (small / p.name).write_bytes(p.read_bytes())
     lines.append(row("decode 640x480 JPEG", f"{decode_rate(files[:48]):.0f} images/s per core",
                      "the synthetic job images (draft mode changes nothing below 1536 px)"))
-    mo = model_only(tiny, files, args.batch, threads, jpeg_draft=True)
+    mo = model_only(tiny, files, args.batch, threads)
     lines.append(row("model only, tiny", f"{mo:.2f} images/s", f"RamPlus.logits, batch {args.batch}, {threads} threads"))
 
     t = time.perf_counter()
@@ -262,7 +266,7 @@ def main() -> None:
 
     if args.full:
         ffiles = files[: args.full_images]
-        fmo = model_only(full, ffiles, args.full_batch, threads, jpeg_draft=True)
+        fmo = model_only(full, ffiles, args.full_batch, threads)
         del full
         fdir = tmp / "full_images"
         fdir.mkdir()

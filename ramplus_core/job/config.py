@@ -81,7 +81,7 @@ class FetchConfig:
 class DecodeConfig:
     max_bytes: int = field(default=DEFAULT_MAX_BYTES, metadata=_check(_positive))
     max_pixels: int = field(default=DEFAULT_MAX_PIXELS, metadata=_check(_positive))
-    jpeg_draft: bool = True
+    jpeg_draft: bool = False
     batch_size: int = field(default=16, metadata=_check(_positive))
     num_cpus: float = field(default=0.5, metadata=_check(_positive))
     tasks: Optional[int] = field(default=None, metadata=_check(_positive))

@@ -28,7 +28,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .config import uri_scheme
+from ..errors import RamPlusError
+from .config import redact_uri, uri_scheme
 from .storage import Storage, ensure_dir, join, local_path, to_uri
 
 log = logging.getLogger(__name__)
@@ -103,7 +104,13 @@ class ListingResult:
 
 
 def has_extension(name: str, extensions: tuple[str, ...]) -> bool:
-    return os.path.splitext(name)[1].lower() in extensions
+    # not os.path.splitext: it calls ".jpg" and "..jpg" extension-less (hidden-file rule), and
+    # an object store has no hidden files
+    return name.lower().endswith(extensions)
+
+
+class ListingFailed(RamPlusError):
+    """A prefix could not be listed to the end: what exists is unknown, so nothing may be planned."""
 
 
 # -- per-filesystem streaming walkers ------------------------------------------------------
@@ -267,23 +274,30 @@ def list_inputs(inputs, storage: Storage, extensions: tuple[str, ...], staging_u
     last_report = time.monotonic()
     for uri in inputs:
         n_in = 0
-        for e in iter_entries(uri, storage):
-            if not e.folder and not has_extension(e.uri, exts):
-                res.skipped += 1
-                if len(res.skipped_examples) < 5:
-                    res.skipped_examples.append(e.uri)
-                continue
-            if e.error is not None:
-                res.list_errors += 1
-            writer.add(e)
-            chunk.append(e.uri)
-            n_in += 1
-            if len(chunk) >= _PAGE:
-                res.fingerprint.update(chunk)
-                chunk = []
-            if progress and time.monotonic() - last_report > 10:
-                progress(f"listing: {res.fingerprint.count + len(chunk)} images so far, {res.skipped} skipped")
-                last_report = time.monotonic()
+        try:
+            for e in iter_entries(uri, storage):
+                if not e.folder and not has_extension(e.uri, exts):
+                    res.skipped += 1
+                    if len(res.skipped_examples) < 5:
+                        res.skipped_examples.append(e.uri)
+                    continue
+                if e.error is not None:
+                    res.list_errors += 1
+                writer.add(e)
+                chunk.append(e.uri)
+                n_in += 1
+                if len(chunk) >= _PAGE:
+                    res.fingerprint.update(chunk)
+                    chunk = []
+                if progress and time.monotonic() - last_report > 10:
+                    progress(f"listing: {res.fingerprint.count + len(chunk)} images so far, {res.skipped} skipped")
+                    last_report = time.monotonic()
+        except RamPlusError:
+            raise
+        except Exception as err:  # noqa: BLE001 - s3fs, botocore, pyarrow and OS errors alike
+            msg = str(err).strip().splitlines()[-1] if str(err).strip() else ""
+            raise ListingFailed(f"listing {redact_uri(uri)} failed after {n_in} images: {type(err).__name__}: "
+                                f"{msg}") from err
         res.per_input[uri] = n_in
     res.fingerprint.update(chunk)
     writer.flush()

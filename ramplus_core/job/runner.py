@@ -42,7 +42,7 @@ from . import manifest as mf
 from . import plan as pl
 from .config import JobConfig, redact_uri, redacted, uri_scheme
 from .inference import Tagger, materialize_checkpoint
-from .listing import Fingerprint, ListingResult, list_inputs
+from .listing import Fingerprint, ListingFailed, ListingResult, list_inputs
 from .progress import ProgressCounter, ProgressReporter, progress_line, steady_rate, summary_table
 from .scrub import Scrubber
 from .state import RunState, open_run, resume_key
@@ -149,9 +149,12 @@ def plan_resources(cfg: JobConfig) -> Plan:
         raise ConfigError("inference.device: cuda needs inference.gpus_per_actor > 0 (the cluster has "
                           f"{gpus:g} GPUs)")
     spare = cpus - actors * ic.num_cpus
-    if spare < min(cfg.decode.num_cpus, 0.5):
+    # Ray Data's streaming repartition runs as tasks of one whole CPU: with less left beside
+    # the actors they never start and the run waits forever
+    if spare < max(1.0, cfg.decode.num_cpus):
         raise ConfigError(f"inference.actors x inference.num_cpus = {actors} x {ic.num_cpus:g} leaves {spare:g} of the "
-                          f"cluster's {cpus:g} CPUs for decoding and writing; lower one of them")
+                          f"cluster's {cpus:g} CPUs for reading, decoding and writing (at least 1 and "
+                          f"decode.num_cpus = {cfg.decode.num_cpus:g} are needed); lower one of them")
     threads = ic.torch_threads
     if threads is None:
         # CPU replicas get the machine (decoding is a few % of Swin-L's cost); a GPU replica
@@ -543,7 +546,13 @@ def _run(cfg: JobConfig, emit, storage: Storage, model: dict, rs: RunState, timi
     if rs.listing:
         listing = _listing_from(rs.listing)
     else:
-        listing = list_inputs(cfg.input, storage, cfg.listing.extensions, staging, cfg.listing.rows_per_file, emit)
+        try:
+            listing = list_inputs(cfg.input, storage, cfg.listing.extensions, staging, cfg.listing.rows_per_file,
+                                  emit)
+        except ListingFailed as e:
+            raise JobFailed(scrubber.text(
+                f"{e}; nothing was written to {redact_uri(cfg.output)}. Start the job again with the same "
+                f"settings once the store answers: it resumes this run ({run_id})")) from None
         rs.put_json("listing.json", _listing_dict(listing))
     timings["listing"] = time.perf_counter() - t
     emit(f"listed {listing.listed} images ({listing.skipped} other objects skipped) in {timings['listing']:.1f}s")

@@ -155,6 +155,18 @@ def test_conf_files_load_and_document_every_key():
     assert sample.input == ("ramplus_core/samples",)
 
 
+def test_docs_config_table_lists_every_key():
+    """docs/job.md's table of keys is what users read; a key missing there is a key nobody finds."""
+    rows = {}
+    for line in (REPO / "docs" / "job.md").read_text().splitlines():
+        m = re.match(r"\| (top level|`(\w+)`) \| (.*?) \|", line)
+        if m:
+            rows[m.group(2) or ""] = set(re.findall(r"`(\w+)`", m.group(3)))
+    for key in describe_keys():
+        section, _, name = key.rpartition(".")
+        assert name in rows.get(section, set()), f"docs/job.md's config table lacks {key}"
+
+
 def _commented(text: str, name: str) -> bool:
     """The key's line, or the run of key lines it is in, directly follows a comment."""
     lines = text.splitlines()

@@ -261,6 +261,35 @@ def test_parquet_writes_ride_out_a_short_outage_or_fail_loudly(own_s3):
             f.write(b"x")
 
 
+def test_s3_down_during_listing_fails_loudly_then_resumes(own_s3, tmp_path):
+    """A store that stops answering while the job lists it: the run cannot know what exists,
+    so it stops with one clear line (no traceback, no partial listing, nothing committed), and
+    the same command run again once the store is back tags everything."""
+    weed = own_s3
+    images = small_jpegs(3, seed=2)
+    storage_cfg = {**_storage_cfg(weed), "max_attempts": 2}
+    fs, _ = Storage(**_storage_cfg(weed)).fsspec(f"s3://{BUCKET}/")
+    fs.pipe({f"{BUCKET}/listed/{n}": d for n, d in images.items()})
+    out = tmp_path / "out"
+    cfg = load_config(str(job_config(tmp_path, storage=storage_cfg, inference={"driver_max_images": 10})),
+                      inputs=[f"s3://{BUCKET}/listed/"], output=str(out), checkpoint=str(CHECKPOINT))
+
+    def emit(line: str) -> None:
+        if line.startswith("run ") and weed.proc.poll() is None:
+            weed.kill()  # after the checks and the checkpoint, just before listing starts
+
+    with pytest.raises(JobFailed, match=r"listing s3://.*/listed/ failed .*nothing was written.*Start the job again") as e:
+        run(cfg, emit=emit)
+    assert "Traceback" not in str(e.value) and SECRET not in str(e.value)
+    assert not list(out.glob("_runs/*._SUCCESS")) and not (out / "tags").exists()
+
+    weed.start()
+    result = run(cfg, emit=lambda s: None)
+    m = result.manifest
+    assert m["status"] == "committed" and m["counts"]["tagged"] == len(images), m["counts"]
+    assert m["resume"]["resumed"], m["resume"]  # the same run, picked up where it stopped
+
+
 # -- a checkpoint that cannot be loaded -----------------------------------------------------------
 
 class _RunsCode:

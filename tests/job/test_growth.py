@@ -79,7 +79,7 @@ def test_added_tags_cost_only_the_delta_and_old_scores_are_copied(ray_local, tmp
     cfg2 = load_config(str(conf), inputs=[str(src)], output=str(out), checkpoint=str(CHECKPOINT), vocab=grown)
     vocab = build_vocabulary(cfg2.vocabulary, model.vocabulary)
     prepared = model.prepare_vocabulary(vocab)
-    limits = DecodeLimits(jpeg_draft=True)
+    limits = DecodeLimits()  # as the job decodes by default
     for uri, row in new.items():
         got, before = scores(row), scores(old[uri])
         assert {t: got[t] for t in before} == before, "copied, not recomputed"

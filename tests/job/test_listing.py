@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from ramplus_core.job.config import IMAGE_EXTENSIONS, StorageConfig
-from ramplus_core.job.listing import Fingerprint, iter_entries, list_inputs
+from ramplus_core.job.listing import Fingerprint, has_extension, iter_entries, list_inputs
 from ramplus_core.job.runner import verify
 from ramplus_core.job.storage import Storage
 from ramplus_core.job.writer import ERRORS_SCHEMA
@@ -136,3 +136,12 @@ def test_verify_reports_missing_and_duplicated_rows(mixed_dir, tmp_path):
     assert not check["ok"]
     assert "1 missing" in check["detail"] and "1 written more than once" in check["detail"]
     assert uris[-1] in check["detail"] and uris[4] in check["detail"]
+
+
+def test_extensions_match_any_case_and_dot_names():
+    """An object store has no hidden files: ".jpg" and "..JPG" are images like "a.jpg"."""
+    exts = tuple(e.lower() for e in IMAGE_EXTENSIONS)
+    for name in ("s3://b/a.jpg", "s3://b/A.JPEG", "s3://b/x/.jpg", "s3://b/..JPG", "/p/photo.final.WebP"):
+        assert has_extension(name, exts), name
+    for name in ("s3://b/jpg", "s3://b/a.jpg.txt", "s3://b/notes", "s3://b/a.jpgx"):
+        assert not has_extension(name, exts), name

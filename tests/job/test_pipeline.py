@@ -91,7 +91,7 @@ def check_run(output: str, storage: Storage, result, prefix: str, tmp_path, exp,
     from ramplus_core.preprocess import DecodeLimits, decode, normalize
 
     model = RamPlus.from_checkpoint(str(CHECKPOINT), device="cpu")
-    limits = DecodeLimits(max_bytes=MAX_BYTES, jpeg_draft=True)
+    limits = DecodeLimits(max_bytes=MAX_BYTES)  # as the job decodes by default
     names = exp["tags"]
     thr = np.asarray(exp["thresholds"], dtype=np.float32)
     for r, row in rows.items():
@@ -183,3 +183,19 @@ def test_empty_input_commits_an_empty_run(ray_local, tmp_path):
     with pytest.raises(Exception, match="already used"):
         run(load_config(str(job_config(tmp_path)), inputs=[str(src)], output=str(out), checkpoint=str(CHECKPOINT),
                         run_id=result.run_id), emit=lambda s: None)
+
+
+def test_actors_must_leave_a_whole_cpu_for_the_data_tasks(ray_local, tmp_path):
+    """Ray Data's read and repartition tasks take one whole CPU each: with less beside the
+    actors they never start and the run would wait forever, so the job refuses up front."""
+    from ramplus_core.errors import ConfigError
+    from ramplus_core.job.runner import plan_resources
+
+    def cfg(num_cpus):
+        return load_config(str(job_config(tmp_path, inference={"actors": 1, "num_cpus": num_cpus})),
+                           inputs=[str(GOLDEN / "images")], output=str(tmp_path / "out"), checkpoint=str(CHECKPOINT))
+
+    with pytest.raises(ConfigError, match=r"inference.actors x inference.num_cpus = 1 x 1.5 leaves 0.5 of the "
+                                          r"cluster's 2 CPUs"):
+        plan_resources(cfg(1.5))
+    assert plan_resources(cfg(1.0)).actors == 1
