@@ -90,6 +90,19 @@ def test_mixed_description_counts_each_equal_alone(tmp_path, tiny_model, tokens,
     assert np.allclose(v.embeds[4, 0].numpy(), t / np.linalg.norm(t), atol=1e-6)
 
 
+def test_batching_by_length_changes_no_embedding(clip_dir):
+    """Texts are batched in order of token count; each still gets what it gets alone."""
+    tower = TextTower(clip_dir, device="cpu", batch_size=3)
+    texts = ["a photo of a cat.", "the quick brown fox jumps over the lazy dog by the river", "x", "",
+             "photo " * 60, "an image of the", "a"]
+    by_length = tower.encode(texts)
+    alone = np.stack([tower.encode([t])[0] for t in texts])
+    assert np.abs(by_length - alone).max() < 1e-6
+    assert np.abs(by_length - tower.encode(texts, by_length=False)).max() < 1e-6
+    assert np.allclose(np.linalg.norm(by_length, axis=1), 1.0, atol=1e-6)
+    assert tower.encode([]).shape == (0, tower.dim)
+
+
 def test_cache_encodes_only_new_sentences(tmp_path, tiny_model, tower):
     doc = {"builtin": "all", "tags": [{"name": f"new {i}", "descriptions": [f"a photo of thing {i}.", f"thing {i} up close."]}
                                       for i in range(3)], "cache": str(tmp_path / "cache")}
