@@ -38,7 +38,10 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+from tables import machine_line, table  # noqa: E402
 
 TINY = REPO / "tests" / "golden" / "tiny" / "ram_plus_checkpoint.pth"
 
@@ -235,13 +238,6 @@ def growth(tmp: Path, n: int, checkpoint: str = str(TINY), label: str = "tiny, 2
     return rows
 
 
-def table(rows: list[tuple]) -> str:
-    w = [max(len(str(r[i])) for r in rows) for i in range(4)]
-    line = "-+-".join("-" * x for x in w)
-    out = [line] + [" | ".join(str(c).ljust(w[i]) for i, c in enumerate(r)) for r in rows] + [line]
-    return "\n".join(out)
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--n", type=int, default=2000, help="images of the nightly comparison")
@@ -267,10 +263,8 @@ def main(argv=None) -> int:
             from pipeline import full_checkpoint
 
             rows += growth(tmp, args.large, full_checkpoint(tmp), "Swin-L, 4585 tags")
-        load = os.getloadavg()
         print(table(rows))
-        print(f"{os.cpu_count()} CPUs, load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}; "
-              f"benchmark wall time {time.perf_counter() - t0:.0f} s")
+        print(f"{machine_line()}; benchmark wall time {time.perf_counter() - t0:.0f} s")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return 0

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import shutil
 import sys
@@ -33,6 +32,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from tables import machine_line, table  # noqa: E402
 
 DESCRIPTIONS = REPO / "ramplus_core" / "data" / "openimages_rare_200_llm_tag_descriptions.json"
 WORD = re.compile(r"[a-z]+|[0-9]|[^\sa-z0-9]")  # close to CLIP's pre-tokenizer on lowercase text
@@ -166,12 +168,8 @@ def main(argv=None) -> int:
             rows.append(("vocabulary", label, rate,
                          f"{vb.texts_encoded} encoded, cache hit rate {vb.cache_hit_rate:.3f}, "
                          f"{len(vb.vocabulary)} tags, {dt:.1f} s"))
-        widths = [max(len(str(r[i])) for r in rows) for i in range(4)]
-        rule = "-+-".join("-" * w for w in widths)
-        print("\n".join([rule] + [" | ".join(str(c).ljust(widths[i]) for i, c in enumerate(r)) for r in rows] + [rule]))
-        load = os.getloadavg()
-        print(f"{os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, load average "
-              f"{load[0]:.1f} {load[1]:.1f} {load[2]:.1f}; device {tower.device}")
+        print(table(rows))
+        print(f"{machine_line()}; torch threads {torch.get_num_threads()}; device {tower.device}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return 0
