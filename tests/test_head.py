@@ -127,3 +127,40 @@ def test_bf16_path_close_to_fp32(golden, golden_logits_ours):
     max_dp = np.abs(p32 - p16).max()
     margins = np.abs(p32 - th[None, :])
     assert (margins[~same] <= max_dp).all()
+
+
+def test_description_counts_pad_only_within_their_size_class(tiny_model, golden_tokens, golden_logits_ours):
+    """24 tags x 51 descriptions plus one with 200 and one with 3: the shared object holds
+    24 x 51 + 200 + 4 rows (not 26 x 200), and every score is what the tag gives alone."""
+    from ramplus_core.head import PreparedVocabulary
+
+    builtin = tiny_model.vocabulary.embeds  # [24, 51, 512]
+    gen = torch.Generator().manual_seed(2)
+    long = F.normalize(torch.randn(200, builtin.shape[-1], generator=gen), dim=-1)
+    three = builtin[5, [0, 7, 9]]
+    embeds = torch.zeros(26, 200, builtin.shape[-1])
+    mask = torch.zeros(26, 200, dtype=torch.bool)
+    embeds[:24, :51], mask[:24, :51] = builtin, True
+    embeds[24], mask[24] = long, True
+    # the 3-description tag's descriptions sit in scattered slots: the mask alone says which
+    for slot, e in zip((4, 60, 150), three):
+        embeds[25, slot], mask[25, slot] = e, True
+    names = [f"tag_{i:03d}" for i in range(24)] + ["long", "three"]
+    prepared = tiny_model.prepare_vocabulary(_vocab(names, embeds, mask))
+    assert sorted(tuple(b.mask.shape) for b in prepared.blocks) == [(1, 3), (1, 200), (24, 51)]
+    arrays = prepared.to_numpy()
+    assert arrays["embeds"].shape[0] == 24 * 51 + 200 + 3
+
+    together = tiny_model.logits_from_tokens(golden_tokens, PreparedVocabulary.from_numpy(arrays))
+    assert (together[:, :24] - golden_logits_ours).abs().max().item() <= REORDER_TOL
+    for j, alone in ((24, long[None]), (25, three[None])):
+        ref = tiny_model.logits_from_tokens(golden_tokens, tiny_model.prepare_vocabulary(_vocab(["x"], alone)))
+        assert (together[:, j] - ref[:, 0]).abs().max().item() <= REORDER_TOL, names[j]
+
+    # a selection (a grown vocabulary's new tags) scores as the full vocabulary does, in its own order
+    picked = prepared.select([25, 3, 24])
+    sub = tiny_model.logits_from_tokens(golden_tokens, picked)
+    assert (sub - together[:, [25, 3, 24]]).abs().max().item() <= REORDER_TOL
+    # and chunking within blocks changes nothing
+    chunked = head_logits(tiny_model, golden_tokens, prepared, 5)
+    assert (chunked - together).abs().max().item() <= REORDER_TOL

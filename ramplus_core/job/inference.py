@@ -119,8 +119,11 @@ class Tagger:
         if model.dtype == torch.float32 and model.model_id != model_id:
             raise RuntimeError(f"the checkpoint this worker loaded ({checkpoint}) has model_id {model.model_id}, "
                                f"the driver's has {model_id}: the file differs between nodes")
+        # names and thresholds only: the scores come from the shared prepared blocks, so the raw
+        # description embeddings (padded, larger) are never rebuilt here
         vocab = Vocabulary(names=list(names), thresholds=np.asarray(thresholds, dtype=np.float32),
-                           zh=[None] * len(names), embeds=prepared.embeds, mask=prepared.mask)
+                           zh=[None] * len(names), embeds=torch.zeros(len(names), 0, 1),
+                           mask=torch.zeros(len(names), 0, dtype=torch.bool))
         model.set_vocabulary(vocab, prepared)
         model.label_embed = None  # the checkpoint's copy; the shared one above is what we use
         self.prepare_calls = 0
@@ -145,12 +148,9 @@ class Tagger:
         full = model.prepared
         for key, spec in (keys or {}).items():
             idx = np.asarray(spec["compute"], dtype=np.int64)
-            t = torch.as_tensor(idx, device=full.embeds.device)
             copy = np.ones(len(self.names), dtype=bool)
             copy[idx] = False
-            self.keys[key] = {"compute": idx, "copy": copy,
-                              "prepared": PreparedVocabulary(full.embeds[t], full.projected[t], full.mask[t])
-                              if len(idx) else None}
+            self.keys[key] = {"compute": idx, "copy": copy, "prepared": full.select(idx) if len(idx) else None}
         self.work = _zero_work()
         self.info = {
             "pid": os.getpid(),
