@@ -33,7 +33,7 @@ def _ensure_importable() -> None:
 
 
 EPILOG = """\
-config keys (YAML; override any with --set key=value, e.g. --set decode.jpeg_draft=false):
+config keys (YAML; override any with --set key=value, e.g. --set inference.batch_size=64):
   conf/default.yaml documents every key. Unknown keys are rejected.
 
 credentials: storage.* in the config, or AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY /

@@ -33,10 +33,10 @@ def load(tmp_path, data, **kw):
 
 def test_defaults_and_overrides(tmp_path):
     cfg = load(tmp_path, {"decode": {"batch_size": 8}},
-               overrides=parse_set(["inference.batch_size=64", "decode.jpeg_draft=false", "layout.partition_by=[shard]"]))
+               overrides=parse_set(["inference.batch_size=64", "decode.jpeg_draft=true", "layout.partition_by=[shard]"]))
     assert isinstance(cfg, JobConfig)
     assert cfg.decode.batch_size == 8 and cfg.inference.batch_size == 64
-    assert cfg.decode.jpeg_draft is False and cfg.layout.partition_by == ("shard",)
+    assert cfg.decode.jpeg_draft is True and cfg.layout.partition_by == ("shard",)
     assert cfg.input == (str(tmp_path),)
 
 
