@@ -57,21 +57,29 @@ def free_ports(n: int, grpc_offset: int = 0) -> list[int]:
     raise RuntimeError("no free ports")
 
 
-def _session_processes(sid: int, zombies: bool = False) -> dict[int, int]:
-    """pid -> parent pid of every process in a session (zombies: also those not yet reaped)."""
-    out = {}
+def proc_stats():
+    """(pid, fields of /proc/<pid>/stat after the command name) of every process still there."""
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
             with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
+                yield int(entry), f.read().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        state, ppid, session = fields[0], int(fields[1]), int(fields[3])
-        if session == sid and (zombies or state != "Z"):
-            out[int(entry)] = ppid
-    return out
+
+
+def _session_processes(sid: int, zombies: bool = False) -> dict[int, int]:
+    """pid -> parent pid of every process in a session (zombies: also those not yet reaped)."""
+    return {pid: int(f[1]) for pid, f in proc_stats() if int(f[3]) == sid and (zombies or f[0] != "Z")}
+
+
+def run_tag_bucket(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """jobs/tag_bucket.py as a user runs it, from the repository root; `env` replaces ours."""
+    env = dict(os.environ if env is None else env)
+    env.setdefault("RAY_AUTH_MODE", "disabled")
+    return subprocess.run([sys.executable, str(REPO / "jobs" / "tag_bucket.py"), *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
 
 
 def stop_session(sid: int, grace_s: float = 5.0) -> None:

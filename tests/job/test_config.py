@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
 import time
 
 import pytest
@@ -15,7 +12,7 @@ from ramplus_core.errors import ConfigError
 from ramplus_core.job.config import JobConfig, describe_keys, load_config, parse_set, redacted
 from ramplus_core.job.storage import Storage, preflight
 
-from .conftest import CHECKPOINT, REPO
+from .conftest import CHECKPOINT, REPO, run_tag_bucket
 
 
 def cfg_file(tmp_path, data) -> str:
@@ -182,9 +179,7 @@ def _commented(text: str, name: str) -> bool:
 # -- the command line --------------------------------------------------------------------------
 
 def run_cli(*args, timeout=120):
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    return subprocess.run([sys.executable, str(REPO / "jobs" / "tag_bucket.py"), *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return run_tag_bucket(*args, timeout=timeout)
 
 
 def test_cli_help():

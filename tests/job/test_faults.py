@@ -10,10 +10,8 @@ from __future__ import annotations
 import collections
 import io
 import os
-import pickle
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -29,7 +27,7 @@ from ramplus_core.job.config import FetchConfig
 from ramplus_core.job.reader import fetch_bytes, fetch_decode
 from ramplus_core.job.storage import Storage
 
-from .conftest import BUCKET, CHECKPOINT, REPO, WeedProcess, free_ports, job_config
+from .conftest import BUCKET, CHECKPOINT, WeedProcess, free_ports, job_config, proc_stats, run_tag_bucket
 
 KEY, SECRET = "fault-key", "fault-secret-not-logged"
 
@@ -73,18 +71,14 @@ def _our_ray_workers() -> dict[int, str]:
 
     raylet = ray._private.worker._global_node.all_processes["raylet"][0].process.pid
     out = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
+    for pid, fields in proc_stats():
+        if int(fields[1]) != raylet:
             continue
         try:
-            with open(f"/proc/{entry}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                title = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
-        except (OSError, ValueError, IndexError):
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                out[pid] = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:
             continue
-        if ppid == raylet:
-            out[int(entry)] = title
     return out
 
 
@@ -302,10 +296,9 @@ class _RunsCode:
         return (os.system, (f"touch {self.marker}",))
 
 
-def _tag_bucket(args: list[str], env=None, timeout: float = 180) -> tuple[subprocess.CompletedProcess, float]:
+def _tag_bucket(args: list[str], timeout: float = 180) -> tuple[subprocess.CompletedProcess, float]:
     t0 = time.monotonic()
-    proc = subprocess.run([sys.executable, str(REPO / "jobs" / "tag_bucket.py"), *args], capture_output=True,
-                          text=True, timeout=timeout, cwd=str(REPO), env={**os.environ, **(env or {})})
+    proc = run_tag_bucket(*args, timeout=timeout)
     return proc, time.monotonic() - t0
 
 

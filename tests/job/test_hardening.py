@@ -12,9 +12,7 @@ import json
 import os
 import re
 import struct
-import subprocess
 import sys
-import time
 import zlib
 from pathlib import Path
 
@@ -25,12 +23,12 @@ from PIL import Image
 
 from ramplus_core.errors import ConfigError, VocabularyError
 from ramplus_core.job import load_config, run
-from ramplus_core.job.config import IMAGE_EXTENSIONS, FetchConfig, describe_keys, parse_set
+from ramplus_core.job.config import IMAGE_EXTENSIONS, FetchConfig, parse_set
 from ramplus_core.job.listing import has_extension
 from ramplus_core.job.reader import fetch_decode
 from ramplus_core.job.storage import Storage
 
-from .conftest import BUCKET, CHECKPOINT, REPO, WeedProcess, job_config
+from .conftest import BUCKET, CHECKPOINT, REPO, WeedProcess, job_config, run_tag_bucket
 from .http_tap import HttpTap
 
 FAKE_KEY, FAKE_SECRET = "AKIA-RAMPLUS-TEST-KEY", "s3cr3t-ramplus-test"
@@ -246,12 +244,10 @@ def test_keys_on_the_command_line_appear_nowhere(fake_s3, tmp_path):
             "--quiet", "--ray-address", "local",
             "--set", f"storage.endpoint_url={weed.endpoint}", "--set", f"storage.access_key_id={FAKE_KEY}",
             "--set", f"storage.secret_access_key={FAKE_SECRET}", "--set", "storage.region=us-east-1",
-            "--set", "ray.num_cpus=2", "--set", "decode.batch_size=2", "--set", "inference.batch_size=2"]
-    if "inference.driver_max_images" in describe_keys():  # through Ray's workers, whose logs are checked
-        args += ["--set", "inference.driver_max_images=0"]
+            "--set", "ray.num_cpus=2", "--set", "decode.batch_size=2", "--set", "inference.batch_size=2",
+            "--set", "inference.driver_max_images=0"]  # through Ray's workers, whose logs are checked
     try:
-        proc = subprocess.run([sys.executable, str(REPO / "jobs" / "tag_bucket.py"), *args], env=env, cwd=str(REPO),
-                              capture_output=True, text=True, timeout=600)
+        proc = run_tag_bucket(*args, env=env)
         assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-3000:])
         assert not leaks(proc.stdout) and not leaks(proc.stderr)
         objects = fs.find(f"{BUCKET}/cli-out/")

@@ -5,8 +5,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pyarrow.dataset as pads
@@ -17,7 +15,7 @@ from PIL import Image
 from ramplus_core.job import committed_runs, load_config, run
 from ramplus_core.job.storage import Storage
 
-from .conftest import CHECKPOINT, GOLDEN, REPO, job_config
+from .conftest import CHECKPOINT, GOLDEN, job_config, run_tag_bucket
 
 
 def tiny_jpeg(seed: int) -> bytes:
@@ -101,11 +99,10 @@ def test_a_small_work_set_runs_in_the_driver(tmp_path):
     src, out = tmp_path / "in", tmp_path / "out"
     shutil.copytree(GOLDEN / "images", src)
     (src / "broken.jpg").write_bytes(b"not an image")
-    cmd = [sys.executable, str(REPO / "jobs" / "tag_bucket.py"), "--config", str(job_config(tmp_path)),
-           "--input", str(src), "--output", str(out), "--checkpoint", str(CHECKPOINT), "--quiet"]
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ADDRESS": "", "CUDA_VISIBLE_DEVICES": ""}
-    env.pop("RAY_ADDRESS")
-    res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    env.pop("RAY_ADDRESS", None)
+    res = run_tag_bucket("--config", str(job_config(tmp_path)), "--input", str(src), "--output", str(out),
+                         "--checkpoint", str(CHECKPOINT), "--quiet", env=env)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "in the driver" in res.stdout and "ray:" not in res.stdout
     (manifest,) = [p for p in (out / "_runs").iterdir() if p.name.endswith(".json")]

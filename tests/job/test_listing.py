@@ -7,7 +7,6 @@ import os
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import pytest
 
 from ramplus_core.job.config import IMAGE_EXTENSIONS, StorageConfig
 from ramplus_core.job.listing import Fingerprint, has_extension, iter_entries, list_inputs

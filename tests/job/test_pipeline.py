@@ -6,9 +6,7 @@ import hashlib
 import json
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.dataset as pads
-import pyarrow.parquet as pq
 import pytest
 import torch
 
