@@ -34,7 +34,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .storage import Storage, ensure_dir, join
+from .storage import Storage, join
 
 INDEX_DIR = "_index"
 TAGGED, ERROR, DELETED = "tagged", "error", "deleted"
@@ -81,11 +81,6 @@ def uri_hashes(uris) -> tuple[np.ndarray, np.ndarray]:
 
 def version_hash(versions) -> np.ndarray:
     return hash_strings(versions, _KEYV)
-
-
-def fingerprint_sums(h1: np.ndarray, h2: np.ndarray) -> tuple[int, int, int]:
-    """What `listing.Fingerprint` adds for these URIs (same keys, same wrap-around sums)."""
-    return len(h1), int(h1.sum(dtype=np.uint64)), int(h2.sum(dtype=np.uint64))
 
 
 def version_strings(etag: pa.ChunkedArray | pa.Array, size, mtime) -> pa.Array:
@@ -187,6 +182,14 @@ class IndexState:
     def empty(cls) -> "IndexState":
         z64, z32 = np.zeros(0, np.uint64), np.zeros(0, np.int32)
         return cls(z64, z64, z64, z32, z32, z32, z32, z32, z32)
+
+    @classmethod
+    def of_keys(cls, h1: np.ndarray, h2: np.ndarray) -> "IndexState":
+        """A state of keys only, sorted as lookup() needs: a set of URIs (by their hashes)."""
+        order = np.lexsort((h2, h1))
+        st = cls.empty()
+        st.h1, st.h2 = h1[order], h2[order]
+        return st
 
     def lookup(self, h1: np.ndarray, h2: np.ndarray) -> np.ndarray:
         """Position of each (h1, h2) in the state, -1 where absent (queries sorted first: 5x faster)."""

@@ -143,7 +143,6 @@ class Tagger:
         self.storage, self.output_uri, self.run_id, self.model_id = storage, output_uri, run_id, model_id
         self.cache_tokens = bool(cache_tokens and output_uri)
         self.token_dtype = np.float16 if token_dtype == "fp16" else np.float32
-        self.name_index = {n: j for j, n in enumerate(self.names)}
         self.keys = {}
         full = model.prepared
         for key, spec in (keys or {}).items():
@@ -209,9 +208,13 @@ class Tagger:
         if len(tk):
             dtypes = col("tokens_dtype", pa.string()).to_pylist()
             raw = batch.column("tokens")
-            for i in tk:
-                arr = np.frombuffer(raw[int(i)].as_buffer(), dtype=dtypes[i] or "float16").reshape(145, 512)
-                tokens[i] = torch.from_numpy(arr.copy()).to(self.model.device, self.model.dtype)
+            from .work import TOKENS_SHAPE
+
+            # one array and one transfer to the device for the batch, not one per row
+            arr = np.stack([np.frombuffer(raw[int(i)].as_buffer(), dtype=dtypes[i] or "float16") for i in tk])
+            cached = torch.from_numpy(arr.reshape(len(tk), *TOKENS_SHAPE)).to(self.model.device, self.model.dtype)
+            for j, i in enumerate(tk):
+                tokens[i] = cached[j]
             self.work["token_reads"] += len(tk)
 
         # the head: every tag for full rows, the tags the copy rule cannot give for grown rows
@@ -417,9 +420,12 @@ def _zero_work() -> dict:
 
 def _process_start() -> Optional[float]:
     """Wall time this worker process started (Linux), to split start-up into process, imports, load."""
+    from .state import _process_start_ticks
+
+    ticks = _process_start_ticks(os.getpid())
+    if ticks is None:
+        return None
     try:
-        with open("/proc/self/stat") as f:
-            ticks = int(f.read().rsplit(")", 1)[1].split()[19])
         with open("/proc/stat") as f:
             btime = next(int(line.split()[1]) for line in f if line.startswith("btime"))
         return btime + ticks / os.sysconf("SC_CLK_TCK")

@@ -30,7 +30,8 @@ import pyarrow.parquet as pq
 
 from ..errors import RamPlusError
 from .config import redact_uri, uri_scheme
-from .storage import Storage, ensure_dir, join, local_path, to_uri
+from .index import uri_hashes
+from .storage import Storage, ensure_dir, join, last_line, local_path, to_uri
 
 log = logging.getLogger(__name__)
 
@@ -62,27 +63,24 @@ class Fingerprint:
     side in memory: a missing row and a duplicated row each change the sums.
     """
 
-    _KEYS = ("ramplus-uri-fp-1", "ramplus-uri-fp-2")
-
     def __init__(self, count: int = 0, s1: int = 0, s2: int = 0):
-        self.count, self.s1, self.s2 = count, s1, s2
+        self.count, self.s1, self.s2 = int(count), int(s1) % 2**64, int(s2) % 2**64
 
-    def update(self, uris) -> None:
-        import pandas as pd
+    def update(self, uris) -> "Fingerprint":
+        return self.add_hashes(*uri_hashes(uris))
 
-        if isinstance(uris, (pa.Array, pa.ChunkedArray)):
-            uris = uris.to_numpy(zero_copy_only=False)
-        arr = np.asarray(uris, dtype=object)
-        if len(arr) == 0:
-            return
-        for i, key in enumerate(self._KEYS):
-            h = pd.util.hash_array(arr, hash_key=key, categorize=False)
-            total = int(h.sum(dtype=np.uint64))  # wraps modulo 2^64, which is what we want
-            if i == 0:
-                self.s1 = (self.s1 + total) % 2**64
-            else:
-                self.s2 = (self.s2 + total) % 2**64
-        self.count += len(arr)
+    def add_hashes(self, h1: np.ndarray, h2: np.ndarray) -> "Fingerprint":
+        """Add URIs already hashed by `index.uri_hashes` (the sums wrap modulo 2^64 on purpose)."""
+        self.count += len(h1)
+        self.s1 = (self.s1 + int(h1.sum(dtype=np.uint64))) % 2**64
+        self.s2 = (self.s2 + int(h2.sum(dtype=np.uint64))) % 2**64
+        return self
+
+    def __add__(self, other: "Fingerprint") -> "Fingerprint":
+        return Fingerprint(self.count + other.count, self.s1 + other.s1, self.s2 + other.s2)
+
+    def as_tuple(self) -> tuple[int, int, int]:
+        return self.count, self.s1, self.s2
 
     def __eq__(self, other) -> bool:
         return isinstance(other, Fingerprint) and (self.count, self.s1, self.s2) == (other.count, other.s1, other.s2)
@@ -281,8 +279,9 @@ def list_inputs(inputs, storage: Storage, extensions: tuple[str, ...], staging_u
                     if len(res.skipped_examples) < 5:
                         res.skipped_examples.append(e.uri)
                     continue
-                if e.error is not None:
+                if e.error is not None:  # scrubbed here: the listing shards stay on disk too
                     res.list_errors += 1
+                    e.error = storage.scrub(e.error)
                 writer.add(e)
                 chunk.append(e.uri)
                 n_in += 1
@@ -295,9 +294,8 @@ def list_inputs(inputs, storage: Storage, extensions: tuple[str, ...], staging_u
         except RamPlusError:
             raise
         except Exception as err:  # noqa: BLE001 - s3fs, botocore, pyarrow and OS errors alike
-            msg = str(err).strip().splitlines()[-1] if str(err).strip() else ""
             raise ListingFailed(f"listing {redact_uri(uri)} failed after {n_in} images: {type(err).__name__}: "
-                                f"{msg}") from err
+                                f"{last_line(err)}") from err
         res.per_input[uri] = n_in
     res.fingerprint.update(chunk)
     writer.flush()

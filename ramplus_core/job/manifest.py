@@ -30,6 +30,16 @@ MARKER_SUFFIX = "._SUCCESS"
 MANIFEST_VERSION = 1
 
 
+def get_json(storage: Storage, uri: str) -> Optional[dict]:
+    """A JSON object written by put_bytes, or None when it is missing or unreadable."""
+    fs, path = storage.pyarrow(uri)
+    try:
+        with fs.open_input_stream(path) as f:
+            return json.loads(f.read())
+    except (FileNotFoundError, OSError, ValueError):
+        return None
+
+
 def put_bytes(storage: Storage, uri: str, data: bytes) -> None:
     """Write an object whole, so no reader ever sees part of it.
 

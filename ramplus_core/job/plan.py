@@ -37,6 +37,7 @@ import pyarrow.parquet as pq
 
 from .index import DELETED, ERROR, TAGGED, IndexState, uri_hashes, version_hash, version_strings
 from .inference import SCORE_TYPE
+from .listing import Fingerprint
 from .storage import Storage, ensure_dir, join
 
 WORK_SCHEMA = pa.schema([
@@ -91,8 +92,7 @@ class Plan:
 
 
 def _add_fp(fp: tuple, h1: np.ndarray, h2: np.ndarray) -> tuple:
-    return (fp[0] + len(h1), (fp[1] + int(h1.sum(dtype=np.uint64))) % 2**64,
-            (fp[2] + int(h2.sum(dtype=np.uint64))) % 2**64)
+    return Fingerprint(*fp).add_hashes(h1, h2).as_tuple()
 
 
 def in_scope(uri: str, prefixes: list[str]) -> bool:
@@ -290,6 +290,7 @@ def _grown_rows(storage, output_uri, state: IndexState, g: dict, key_names, plan
     order = np.lexsort((g["h2"], g["h1"]))
     for k in g:
         g[k] = g[k][order]
+    grown = IndexState.of_keys(g["h1"], g["h2"])  # already sorted: its positions are g's
     files = state.file[g["pos"]]
     emitted = np.zeros(len(order), dtype=bool)
     tok_names = np.asarray(state.tok_files + [None], dtype=object)
@@ -304,9 +305,7 @@ def _grown_rows(storage, output_uri, state: IndexState, g: dict, key_names, plan
         except Exception:  # noqa: BLE001 - a missing or unreadable old file: those images get full work
             continue
         h1, h2 = uri_hashes(base.column("uri"))
-        sub = IndexState.empty()
-        sub.h1, sub.h2 = g["h1"], g["h2"]
-        m = sub.lookup(h1, h2)
+        m = grown.lookup(h1, h2)
         ok = m >= 0
         ok[ok] = (files[m[ok]] == f) & ~emitted[m[ok]]
         if not ok.any():
@@ -342,13 +341,11 @@ def _grown_rows(storage, output_uri, state: IndexState, g: dict, key_names, plan
 
 def _fallback_full(lfs, listing_files, h1m, h2m, writer, plan: Plan) -> None:
     """Grown images whose old row is gone: full work, from their listing rows."""
-    sub = IndexState.empty()
-    order = np.lexsort((h2m, h1m))
-    sub.h1, sub.h2 = h1m[order], h2m[order]
+    missing = IndexState.of_keys(h1m, h2m)
     for path in listing_files:
         t = pq.read_table(path, filesystem=lfs)
         h1, h2 = uri_hashes(t.column("uri"))
-        hit = sub.lookup(h1, h2) >= 0
+        hit = missing.lookup(h1, h2) >= 0
         if hit.any():
             idx = pa.array(np.flatnonzero(hit))
             tt = t.take(idx)

@@ -125,7 +125,7 @@ def fetch_decode(batch: pa.Table, *, storage: Storage, fetch: FetchConfig, limit
     todo = []
     for i, r in enumerate(rows):
         if r.get("list_error"):
-            fail(i, storage.scrub(r["list_error"]), "list")
+            fail(i, r["list_error"], "list")  # scrubbed by the listing that wrote it
         else:
             todo.append(i)
 

@@ -26,7 +26,7 @@ import os
 import platform
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Callable, Optional
 
@@ -46,7 +46,7 @@ from .listing import Fingerprint, ListingFailed, ListingResult, list_inputs
 from .progress import ProgressCounter, ProgressReporter, progress_line, steady_rate, summary_table
 from .scrub import Scrubber
 from .state import RunState, open_run, resume_key
-from .storage import Storage, join, local_path, preflight, to_uri
+from .storage import Storage, ensure_dir, join, last_line, local_path, preflight, to_uri
 from .vocab import _read_thresholds, build_vocabulary, descriptor, load_descriptor, save_descriptor  # noqa: F401
 from .vocab import select_vocabulary  # noqa: F401 - imported from here by older callers
 from .work import load_inputs
@@ -285,14 +285,6 @@ def run_in_driver(cfg: JobConfig, storage: Storage, staging: str, files: list[st
     return snap
 
 
-def _fp(t: tuple) -> Fingerprint:
-    return Fingerprint(int(t[0]), int(t[1]) % 2**64, int(t[2]) % 2**64)
-
-
-def _fp_add(a: Fingerprint, b: Fingerprint) -> Fingerprint:
-    return Fingerprint(a.count + b.count, (a.s1 + b.s1) % 2**64, (a.s2 + b.s2) % 2**64)
-
-
 def run_files(rs: RunState) -> tuple[list[dict], Fingerprint, dict]:
     """The data files the receipts of every attempt vouch for, with their rows; receipt fingerprint."""
     files: dict[str, dict] = {}
@@ -336,8 +328,8 @@ def verify(storage: Storage, output_uri: str, rs: RunState, listing: ListingResu
         if f["kind"] == "errors":
             for s_ in t.column("stage").to_pylist():
                 by_stage[s_] = by_stage.get(s_, 0) + 1
-    work_fp, skipped_fp = _fp(plan.work_fp), _fp(plan.skipped_fp)
-    if _fp_add(work_fp, skipped_fp) != listing.fingerprint:
+    work_fp, skipped_fp = Fingerprint(*plan.work_fp), Fingerprint(*plan.skipped_fp)
+    if work_fp + skipped_fp != listing.fingerprint:
         problems.append(f"the plan does not add up to the listing ({work_fp.count} to do + {skipped_fp.count} done "
                         f"!= {listing.listed} listed)")
     ok = fp == work_fp and receipt_fp == work_fp and not problems
@@ -381,13 +373,8 @@ def remaining_work(storage: Storage, rs: RunState, plan: pl.Plan) -> tuple[list[
     done = [t.column("uri") for t in rs.iter_receipts(["uri"])]
     if not done:
         return list(plan.files), 0
-    h1, h2 = ix.uri_hashes(pa.chunked_array(done))
-    order = np.lexsort((h2, h1))
-    st = ix.IndexState.empty()
-    st.h1, st.h2 = h1[order], h2[order]
+    st = ix.IndexState.of_keys(*ix.uri_hashes(pa.chunked_array(done)))
     fs, root = storage.pyarrow(join(rs.staging, f"todo-{rs.attempt:02d}"))
-    from .storage import ensure_dir
-
     ensure_dir(fs, root)
     out = []
     for path in plan.files:
@@ -398,7 +385,7 @@ def remaining_work(storage: Storage, rs: RunState, plan: pl.Plan) -> tuple[list[
             dest = f"{root}/part-{len(out):05d}.parquet"
             pq.write_table(t.filter(pa.array(left)), dest, filesystem=fs, compression="zstd")
             out.append(dest)
-    return out, len(h1)
+    return out, len(st.h1)
 
 
 def delete_orphans(storage: Storage, output_uri: str, rs: RunState, cfg: JobConfig, keep: set) -> list[str]:
@@ -460,8 +447,7 @@ def input_prefixes(inputs) -> list[str]:
 def _listing_dict(listing: ListingResult) -> dict:
     return {"files": listing.files, "listed": listing.listed, "skipped": listing.skipped,
             "list_errors": listing.list_errors, "skipped_examples": listing.skipped_examples,
-            "per_input": listing.per_input, "fingerprint": [listing.fingerprint.count, listing.fingerprint.s1,
-                                                            listing.fingerprint.s2], "seconds": listing.seconds}
+            "per_input": listing.per_input, "fingerprint": list(listing.fingerprint.as_tuple()), "seconds": listing.seconds}
 
 
 def _listing_from(d: dict) -> ListingResult:
@@ -618,7 +604,7 @@ def _run(cfg: JobConfig, emit, storage: Storage, model: dict, rs: RunState, timi
         try:
             snap = run_in_driver(cfg, storage, staging, todo, model, arrays, sink, plan.keys, run_id, todo_rows, emit)
         except Exception as e:  # noqa: BLE001 - recorded in the FAILED manifest, then re-raised
-            pipeline_error = scrubber.text(f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}")
+            pipeline_error = scrubber.text(f"{type(e).__name__}: {last_line(e)}")
         timings["pipeline"] = time.perf_counter() - t
     elif todo_rows > 0:
         started_ray = ensure_ray(cfg)
@@ -636,7 +622,7 @@ def _run(cfg: JobConfig, emit, storage: Storage, model: dict, rs: RunState, timi
         try:
             run_pipeline(cfg, storage, staging, todo, res_plan, model, vocab_ref, counter, sink, plan.keys, run_id)
         except Exception as e:  # noqa: BLE001 - recorded in the FAILED manifest, then re-raised
-            pipeline_error = scrubber.text(f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}")
+            pipeline_error = scrubber.text(f"{type(e).__name__}: {last_line(e)}")
         finally:
             reporter.stop()
         timings["pipeline"] = time.perf_counter() - t

@@ -145,18 +145,9 @@ class RunState:
             yield pq.read_table(path, filesystem=fs, columns=columns)
 
 
-def _read_json(storage: Storage, uri: str) -> Optional[dict]:
-    fs, path = storage.pyarrow(uri)
-    try:
-        with fs.open_input_stream(path) as f:
-            return json.loads(f.read())
-    except (FileNotFoundError, OSError, ValueError):
-        return None
-
-
 def _alive(storage: Storage, staging: str, stale_after_s: float) -> Optional[str]:
     """Why the run's last driver may still be running, or None when it is surely gone."""
-    beat = _read_json(storage, join(staging, "heartbeat.json")) or _read_json(storage, join(staging, "run.json"))
+    beat = mf.get_json(storage, join(staging, "heartbeat.json")) or mf.get_json(storage, join(staging, "run.json"))
     if not beat:
         return None
     if beat.get("host") == socket.gethostname():
@@ -207,7 +198,7 @@ def open_run(storage: Storage, cfg: JobConfig, key: str, started_at: datetime,
         if run_id in set(mf.committed_runs(output, storage)):
             raise ConfigError(f"run_id: {run_id} was already used in {redact_uri(output)}; "
                               "leave run_id unset for a fresh one")
-        info = _read_json(storage, join(output, STAGING_DIR, run_id, "run.json"))
+        info = mf.get_json(storage, join(output, STAGING_DIR, run_id, "run.json"))
         if info is not None and info.get("key") != key:
             raise ConfigError(f"run_id: {run_id} is an unfinished run of {redact_uri(output)} started with other "
                               "settings (inputs, model, vocabulary, mode or layout); resume it with those, or "
@@ -220,7 +211,7 @@ def open_run(storage: Storage, cfg: JobConfig, key: str, started_at: datetime,
                               "leave run_id unset for a fresh one")
     elif inc.resume:
         for rid in _uncommitted_runs(storage, output):
-            cand = _read_json(storage, join(output, STAGING_DIR, rid, "run.json"))
+            cand = mf.get_json(storage, join(output, STAGING_DIR, rid, "run.json"))
             if cand and cand.get("key") == key:
                 run_id, info = rid, cand
                 break
@@ -239,8 +230,8 @@ def open_run(storage: Storage, cfg: JobConfig, key: str, started_at: datetime,
     else:
         st = RunState(storage, output, run_id, key, _attempts(storage, join(output, STAGING_DIR, run_id)) + 1,
                       info["run_date"], info["started_at"], True)
-        st.listing = _read_json(storage, st.uri("listing.json"))
-        st.plan = _read_json(storage, st.uri("plan.json"))
+        st.listing = mf.get_json(storage, st.uri("listing.json"))
+        st.plan = mf.get_json(storage, st.uri("plan.json"))
         emit(f"resuming run {run_id} (attempt {st.attempt}): "
              + ("listing done" if st.listing else "listing again")
              + (", plan done" if st.plan else "") + f", {len(st.receipt_files())} finished write task(s) kept")

@@ -289,6 +289,12 @@ def _s3_call(key: str, uri: str, fn, storage: Optional[Storage] = None) -> None:
                           f"{scrub(_first_line(e), secrets)}") from None
 
 
+def last_line(e: BaseException) -> str:
+    """An exception's last line: what a chained client error finally says."""
+    s = str(e).strip()
+    return s.splitlines()[-1] if s else ""
+
+
 def _first_line(e: BaseException) -> str:
     s = str(e).strip().splitlines()
     return s[0][:300] if s else type(e).__name__

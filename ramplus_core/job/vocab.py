@@ -157,12 +157,9 @@ def save_descriptor(storage: Storage, output_uri: str, desc: dict) -> None:
 
 
 def load_descriptor(storage: Storage, output_uri: str, vocab_id: str) -> Optional[dict]:
-    fs, path = storage.pyarrow(descriptor_uri(output_uri, vocab_id))
-    try:
-        with fs.open_input_stream(path) as f:
-            return json.loads(f.read())
-    except (FileNotFoundError, OSError, ValueError):
-        return None
+    from .manifest import get_json
+
+    return get_json(storage, descriptor_uri(output_uri, vocab_id))
 
 
 def copyable(new: dict, base: dict, new_floor: float, base_floor: Optional[float]) -> np.ndarray:
