@@ -298,3 +298,14 @@ def last_line(e: BaseException) -> str:
 def _first_line(e: BaseException) -> str:
     s = str(e).strip().splitlines()
     return s[0][:300] if s else type(e).__name__
+
+
+def _s3_sync(fs, method: str, **kwargs):
+    """One raw S3 API call through s3fs's client (for what fsspec has no verb for)."""
+    from fsspec.asyn import sync
+
+    async def call():
+        client = await fs.get_s3()
+        return await getattr(client, method)(**kwargs)
+
+    return sync(fs.loop, call)
