@@ -21,16 +21,10 @@ import torch
 from .backbone import SwinConfig, infer_swin_config, microsoft_to_timm
 from .errors import CheckpointError
 from .head import HeadConfig
+from .release import GET_IT, RELEASED_BYTES, RELEASED_URL
 
 log = logging.getLogger(__name__)
 
-RELEASED_NAME = "ram_plus_swin_large_14m.pth"
-RELEASED_URL = "https://huggingface.co/xinyu1205/recognize-anything-plus-model/resolve/main/ram_plus_swin_large_14m.pth"
-RELEASED_BYTES = 3_010_210_801
-GET_IT = (
-    f"Download the released RAM++ checkpoint ({RELEASED_BYTES:,} bytes) once from {RELEASED_URL} "
-    f"and pass its path or URL with --checkpoint (see README, 'Getting the checkpoint')."
-)
 SAFETENSORS_CONFIG_KEY = "ramplus_config"
 
 # The paper's BERT-style names for one head layer -> our module's names.
