@@ -402,3 +402,27 @@ def test_a_latin1_name_is_tagged_and_odd_objects_are_counted(ray_local, tmp_path
     assert any("2 not regular files left out" in line for line in lines)
     uris = {r["uri"] for r in table_rows(out, "tags").to_pylist()}
     assert uris == {f"file://{src}/caf%E9.jpg"}
+
+
+class _Same:
+    def __call__(self, batch):
+        return batch
+
+
+def test_bounded_restarts_reach_ray_without_a_deprecation_notice(ray_local):
+    """Every run printed Ray 2.60's `ray_remote_args` notice, caused by our max_restarts."""
+    import warnings
+
+    import ray.data
+    from ray.data import ActorPoolStrategy
+
+    from ramplus_core.job.pipeline import map_with_bounded_restarts
+
+    kw = dict(batch_size=2, compute=ActorPoolStrategy(size=1), num_cpus=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ds = map_with_bounded_restarts(ray.data.range(4), _Same, max_restarts=5, max_task_retries=3, **kw)
+    assert [str(w.message) for w in caught] == []
+    assert ds._logical_plan.dag.ray_remote_args == {"max_restarts": 5, "max_task_retries": 3, "num_cpus": 1}
+    with pytest.warns(DeprecationWarning, match="ray_remote_args"):  # fails once Ray names them: use those
+        ray.data.range(4).map_batches(_Same, max_restarts=5, max_task_retries=3, **kw)
