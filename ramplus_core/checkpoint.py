@@ -21,16 +21,10 @@ import torch
 from .backbone import SwinConfig, infer_swin_config, microsoft_to_timm
 from .errors import CheckpointError
 from .head import HeadConfig
+from .release import GET_IT, RELEASED_BYTES, RELEASED_URL
 
 log = logging.getLogger(__name__)
 
-RELEASED_NAME = "ram_plus_swin_large_14m.pth"
-RELEASED_URL = "https://huggingface.co/xinyu1205/recognize-anything-plus-model/resolve/main/ram_plus_swin_large_14m.pth"
-RELEASED_BYTES = 3_010_210_801
-GET_IT = (
-    f"Download the released RAM++ checkpoint ({RELEASED_BYTES:,} bytes) once from {RELEASED_URL} "
-    f"and pass its path or URL with --checkpoint (see README, 'Getting the checkpoint')."
-)
 SAFETENSORS_CONFIG_KEY = "ramplus_config"
 
 # The paper's BERT-style names for one head layer -> our module's names.
@@ -142,7 +136,9 @@ def read_raw(uri: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
             meta = json.loads(data[8:8 + int.from_bytes(data[:8], "little")]).get("__metadata__", {})
             return st_load(data), meta
         except Exception as e:  # noqa: BLE001
-            raise CheckpointError(f"corrupt safetensors checkpoint {uri}: {e}") from None
+            detail = " ".join(str(e).split())[:300]
+            raise CheckpointError(f"{uri} is a corrupt or truncated safetensors checkpoint ({detail}); "
+                                  f"export or download it again.") from None
     if not head:
         raise CheckpointError(f"{uri} is empty (0 bytes), not a checkpoint. {GET_IT}")
     if not _is_zip(head) and head[:1] != b"\x80":
@@ -268,6 +264,8 @@ def load(uri: str, *, num_heads: int = 4, descriptions_per_tag: int | None = Non
         state = convert_official(raw)
     if label_embed is None:
         raise CheckpointError(f"{uri}: no 'label_embed' tensor")
+    official = SAFETENSORS_CONFIG_KEY not in meta
+    check_finite({**state, "label_embed": label_embed}, str(uri), official_name if official else (lambda k: k))
     if descriptions_per_tag:
         cfg = replace(cfg, descriptions_per_tag=descriptions_per_tag)
     d = cfg.descriptions_per_tag
@@ -276,7 +274,20 @@ def load(uri: str, *, num_heads: int = 4, descriptions_per_tag: int | None = Non
             f"{uri}: label_embed has shape {tuple(label_embed.shape)}; expected [num_tags * {d}, "
             f"{cfg.head.encoder_width}] (set descriptions_per_tag if your model uses another count)"
         )
-    return LoadedCheckpoint(cfg, state, label_embed, str(uri), official_names=SAFETENSORS_CONFIG_KEY not in meta)
+    return LoadedCheckpoint(cfg, state, label_embed, str(uri), official_names=official)
+
+
+def check_finite(state: dict[str, torch.Tensor], source: str, name=lambda key: key) -> None:
+    """Refuse weights with NaN or infinity before any image sees them.
+
+    Such a model turns every image into an infer error that is retried every night; one
+    pass over the weights at load (they are read then anyway) costs far less.
+    """
+    for key, t in state.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise CheckpointError(
+                f"{source}: weight {name(key)} holds NaN or infinite values, so the file is damaged or "
+                f"comes from a diverged training run; use the released checkpoint ({RELEASED_URL}).")
 
 
 def check_state(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor], source: str,

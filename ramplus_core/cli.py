@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import GET_IT, RELEASED_NAME
+from .release import GET_IT, RELEASED_NAME
 from .errors import ImageError, RamPlusError
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_UNUSABLE = 0, 1, 2
@@ -34,11 +34,6 @@ _GETTING_IT = f"Getting the checkpoint:\n  {GET_IT}\n"
 
 _DESCRIPTION = f"""\
 RAM++ (Recognize Anything Plus) image tagging.
-
-commands:
-  tag       tag images and print the tags over threshold with their scores
-  export    rewrite a checkpoint as safetensors, which loads much faster than the .pth
-  describe  write LLM descriptions of new tags for a vocabulary file (see its --help)
 
 Getting the checkpoint:
   {GET_IT}
@@ -77,7 +72,7 @@ class _Unusable(Exception):
 def _build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ramplus", description=_DESCRIPTION,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", metavar="{tag,export,describe,maintain,migrate}")
+    sub = p.add_subparsers(dest="command", title="commands", metavar="COMMAND")
     sub.required = True
 
     t = sub.add_parser("tag", help="tag images and print the tags over threshold",

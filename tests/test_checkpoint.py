@@ -259,3 +259,47 @@ def test_missing_checkpoint_gives_the_download_hint(case, tmp_path):
     assert str(path) in msg and GET_IT in msg
     assert ("not found" if case == "missing" else "folder") in msg
     assert not os.path.exists(tmp_path / "ram_plus_swin_large_14m.pth")
+
+
+def _spoil(sd: dict, key: str, value: float, dtype=None) -> dict:
+    t = sd[key].clone().to(dtype or sd[key].dtype)
+    t.view(-1)[t.numel() // 2] = value
+    return {**sd, key: t}
+
+
+@pytest.mark.parametrize("key,value,dtype", [
+    ("tagging_head.encoder.layer.1.output.dense.weight", float("nan"), None),
+    ("visual_encoder.layers.0.blocks.1.attn.qkv.bias", float("inf"), None),
+    ("label_embed", float("-inf"), torch.float16),
+])
+def test_non_finite_weights_refused_at_load(write_checkpoint, key, value, dtype):
+    path = write_checkpoint(edit=lambda sd: _spoil(sd, key, value, dtype))
+    with pytest.raises(CheckpointError, match="NaN or infinite") as e:
+        load(path)
+    msg = str(e.value)
+    assert str(path) in msg and key in msg and "\n" not in msg
+
+
+def test_non_finite_weights_refused_in_a_safetensors_export(tmp_path, tiny_model):
+    from safetensors.torch import load_file, save_file
+
+    good = tmp_path / "good.safetensors"
+    export_safetensors(tiny_model, str(good))
+    from safetensors import safe_open
+
+    with safe_open(str(good), framework="pt") as f:
+        meta = f.metadata()
+    tensors = load_file(str(good))
+    bad = tmp_path / "bad.safetensors"
+    save_file(_spoil(tensors, "head.fc.weight", float("nan")), str(bad), metadata=meta)
+    with pytest.raises(CheckpointError, match="head.fc.weight holds NaN"):
+        load(bad)
+
+
+def test_truncated_safetensors_refused(tmp_path, tiny_model):
+    good = tmp_path / "good.safetensors"
+    export_safetensors(tiny_model, str(good))
+    cut = _write(tmp_path, "cut.safetensors", good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="corrupt or truncated") as e:
+        load(cut)
+    assert str(cut) in str(e.value) and "\n" not in str(e.value)

@@ -123,8 +123,27 @@ def test_help(capsys):
         main(["--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    for word in ("tag", "export", "describe", RELEASED_URL, "Getting the checkpoint"):
+    for word in ("tag", "export", "describe", "maintain", "migrate", RELEASED_URL, "Getting the checkpoint"):
         assert word in out
+    for command in ("tag", "export", "describe", "maintain", "migrate"):
+        assert len([ln for ln in out.splitlines() if ln.split()[:1] == [command]]) == 1, f"{command} listed twice"
+
+
+_HEAVY = ("torch", "timm", "ray", "deltalake")
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["tag", "--help"], ["export", "--help"], ["maintain", "--help"]])
+def test_help_imports_no_torch_or_ray(argv):
+    """`--help` took ~30 s on a cold cache: torch, timm and Ray were imported before argparse ran."""
+    probe = ("import runpy, sys\n"
+             f"sys.argv = ['ramplus'] + {argv!r}\n"
+             "try:\n    runpy.run_module('ramplus_core', run_name='__main__')\n"
+             "except SystemExit as e:\n    assert e.code == 0, e.code\n"
+             f"print(sorted(m for m in {_HEAVY!r} if m in sys.modules), file=sys.stderr)\n")
+    r = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.strip().splitlines()[-1] == "[]", r.stderr
+    assert "usage:" in r.stdout
 
 
 # -- option details ----------------------------------------------------------------------------

@@ -30,7 +30,6 @@ from .config import StorageConfig, redact_uri
 from .index import version_strings
 from .schemas import DELETED_SCHEMA, RESULT_SCHEMA, TS
 from .storage import Storage, join
-from .writer import shard_of
 
 
 def _old_rows(storage: Storage, output: str, sub: str) -> Optional[pa.Table]:
@@ -107,6 +106,8 @@ def migrate(storage: Storage, output: str, shards: int = 8) -> dict:
 def _as_result(t: pa.Table, kind: str, runs: dict, shards: int) -> pa.Table:
     n = t.num_rows
     cols = {f.name: t.column(f.name) if f.name in t.column_names else pa.nulls(n, f.type) for f in RESULT_SCHEMA}
+    from .writer import shard_of  # imports ray.data: not paid by `maintain --help`
+
     uris = t.column("uri").to_pylist()
     cols["shard"] = pa.array(shard_of(uris, shards), pa.int32())
     run_ids = t.column("run_id").to_pylist()

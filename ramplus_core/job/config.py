@@ -66,6 +66,7 @@ class StorageConfig:
 class ListingConfig:
     extensions: tuple[str, ...] = IMAGE_EXTENSIONS
     rows_per_file: int = field(default=100_000, metadata=_check(_positive))
+    follow_links: bool = False  # off: only links to files inside the input folder are listed
 
 
 @dataclass(frozen=True)

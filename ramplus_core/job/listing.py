@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -32,7 +33,7 @@ from ..errors import RamPlusError
 from .config import redact_uri, uri_scheme
 from .index import uri_hashes
 from .schemas import LISTING_SCHEMA
-from .storage import Storage, ensure_dir, join, last_line, local_path, to_uri
+from .storage import Storage, encoded_name_taken, ensure_dir, join, last_line, local_path, to_uri
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,7 @@ class Entry:
     mtime: Optional[datetime]
     error: Optional[str] = None
     folder: bool = False  # an error about a whole folder (always kept: it may hide images)
+    unlisted: Optional[str] = None  # why an object with an image name is not listed (not a regular file)
 
 
 class Fingerprint:
@@ -90,6 +92,8 @@ class ListingResult:
     skipped: int = 0
     list_errors: int = 0
     skipped_examples: list[str] = field(default_factory=list)
+    not_regular: int = 0  # objects with image names left out: links not followed, FIFOs, devices
+    not_regular_examples: list[str] = field(default_factory=list)
     per_input: dict = field(default_factory=dict)
     fingerprint: Fingerprint = field(default_factory=Fingerprint)
     seconds: float = 0.0
@@ -107,22 +111,23 @@ class ListingFailed(RamPlusError):
 
 # -- per-filesystem streaming walkers ------------------------------------------------------
 
-def iter_entries(uri: str, storage: Storage) -> Iterator[Entry]:
+def iter_entries(uri: str, storage: Storage, follow_links: bool = False) -> Iterator[Entry]:
     """Every object under a prefix (or the object itself), streamed."""
     scheme = uri_scheme(uri)
     if scheme == "file":
-        yield from _iter_local(local_path(uri))
+        yield from _iter_local(local_path(uri), follow_links)
     elif scheme in ("s3", "s3a"):
         yield from _iter_s3(uri, storage, scheme)
     else:
         yield from _iter_fsspec(uri, storage, scheme)
 
 
-def _iter_local(root: str) -> Iterator[Entry]:
+def _iter_local(root: str, follow_links: bool = False) -> Iterator[Entry]:
     if os.path.isfile(root):
         st = os.stat(root)
         yield Entry(to_uri("file", root), st.st_size, None, _ts(st.st_mtime))
         return
+    real_root = os.path.realpath(root)
     stack = [root]
     while stack:
         d = stack.pop()
@@ -137,12 +142,56 @@ def _iter_local(root: str) -> Iterator[Entry]:
             try:
                 if e.is_dir(follow_symlinks=False):
                     subdirs.append(e.path)
-                elif e.is_file():
-                    st = e.stat()
-                    yield Entry(to_uri("file", e.path), st.st_size, None, _ts(st.st_mtime))
+                else:
+                    yield _local_entry(e, real_root, follow_links)
             except OSError as err:
                 yield Entry(to_uri("file", e.path), None, None, None, f"cannot stat: {err.strerror or err}")
         stack.extend(reversed(subdirs))
+
+
+def _local_entry(e: os.DirEntry, real_root: str, follow_links: bool) -> Entry:
+    """One non-folder entry: a regular file to list, or what it is when it is not one."""
+    uri = to_uri("file", e.path)
+    if encoded_name_taken(e.path):
+        return Entry(uri, None, None, None, unlisted="its name is not UTF-8 and its percent-encoded "
+                     "spelling is the name of another file; rename one of them")
+    if e.is_symlink():
+        st, why = _link_target(e.path, real_root, follow_links)
+    else:
+        st = e.stat(follow_symlinks=False)
+        why = None if stat.S_ISREG(st.st_mode) else _kind(st.st_mode)
+    if why:
+        return Entry(uri, None, None, None, unlisted=why)
+    return Entry(uri, st.st_size, None, _ts(st.st_mtime))
+
+
+def _link_target(path: str, real_root: str, follow_links: bool):
+    """(stat of the target, None) for a link the listing may follow, else (None, why not).
+
+    A link is followed when it ends at a regular file inside the input folder (its real
+    path), or anywhere when `listing.follow_links` is on; otherwise a link to any file would
+    make the job read it and publish its size and MD5. Links to folders are never walked (no
+    cycles, no second copy of a subtree). A link that loops raises OSError: a list error.
+    """
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None, "dangling link"
+    if stat.S_ISDIR(st.st_mode):
+        return None, "link to a folder (not walked)"
+    if not stat.S_ISREG(st.st_mode):
+        return None, f"link to a {_kind(st.st_mode)}"
+    if not follow_links and os.path.commonpath([real_root, os.path.realpath(path)]) != real_root:
+        return None, "link to a file outside the input folder (listing.follow_links is off)"
+    return st, None
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"),
+                       (stat.S_ISBLK, "block device"), (stat.S_ISDIR, "folder")):
+        if test(mode):
+            return name
+    return "non-regular file"
 
 
 def _iter_s3(uri: str, storage: Storage, scheme: str) -> Iterator[Entry]:
@@ -256,8 +305,9 @@ class _ShardWriter:
 
 
 def list_inputs(inputs, storage: Storage, extensions: tuple[str, ...], staging_uri: str,
-                rows_per_file: int, progress=None) -> ListingResult:
-    """Stream every input prefix into listing shards; count what is not an image as skipped."""
+                rows_per_file: int, progress=None, follow_links: bool = False) -> ListingResult:
+    """Stream every input prefix into listing shards; count what is not an image as skipped
+    and what has an image name but is not a regular file as not_regular."""
     t0 = time.perf_counter()
     exts = tuple(e.lower() for e in extensions)
     res = ListingResult()
@@ -267,11 +317,14 @@ def list_inputs(inputs, storage: Storage, extensions: tuple[str, ...], staging_u
     for uri in inputs:
         n_in = 0
         try:
-            for e in iter_entries(uri, storage):
+            for e in iter_entries(uri, storage, follow_links):
                 if not e.folder and not has_extension(e.uri, exts):
                     res.skipped += 1
-                    if len(res.skipped_examples) < 5:
-                        res.skipped_examples.append(e.uri)
+                    _example(res.skipped_examples, e.uri)
+                    continue
+                if e.unlisted:
+                    res.not_regular += 1
+                    _example(res.not_regular_examples, f"{e.uri} ({e.unlisted})")
                     continue
                 if e.error is not None:  # scrubbed here: the listing shards stay on disk too
                     res.list_errors += 1
@@ -297,6 +350,11 @@ def list_inputs(inputs, storage: Storage, extensions: tuple[str, ...], staging_u
     res.listed = res.fingerprint.count
     res.seconds = time.perf_counter() - t0
     return res
+
+
+def _example(examples: list[str], text: str, keep: int = 5) -> None:
+    if len(examples) < keep:
+        examples.append(text)
 
 
 def read_listing_uris(storage: Storage, staging_uri: str, files: list[str]) -> Iterator[pa.Array]:

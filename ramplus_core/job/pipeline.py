@@ -13,7 +13,9 @@ GPU runs the same three steps in the driver, which has the model loaded already.
 from __future__ import annotations
 
 import os
+import re
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -116,7 +118,8 @@ def run_pipeline(cfg: JobConfig, storage: Storage, staging: str, files: list[str
         compute=TaskPoolStrategy(size=plan.decode_tasks) if plan.decode_tasks else None,
         udf_modifying_row_count=False,
     )
-    ds = ds.map_batches(
+    ds = map_with_bounded_restarts(
+        ds,
         Tagger,
         batch_size=cfg.inference.batch_size,
         batch_format="pyarrow",
@@ -138,6 +141,22 @@ def run_pipeline(cfg: JobConfig, storage: Storage, staging: str, files: list[str
         udf_modifying_row_count=False,
     )
     ds.write_datasink(sink, ray_remote_args={"num_cpus": 0.25})
+
+
+_REMOTE_ARGS_DEPRECATED = re.escape("`ray_remote_args` is deprecated")
+
+
+def map_with_bounded_restarts(ds, fn, *, max_restarts: int, max_task_retries: int, **kwargs):
+    """`Dataset.map_batches` for an actor pool whose restarts and task retries are bounded.
+
+    Ray 2.60 deprecates extra `ray.remote` options in map_batches but names no parameter for
+    max_restarts or max_task_retries; without them Ray Data restarts a crashing replica and
+    retries its batch forever. So they still go through, and only that one notice is
+    silenced, here, where it would otherwise print on every run.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_REMOTE_ARGS_DEPRECATED)
+        return ds.map_batches(fn, max_restarts=max_restarts, max_task_retries=max_task_retries, **kwargs)
 
 
 def runs_on_this_cpu(cfg: JobConfig) -> bool:

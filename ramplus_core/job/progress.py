@@ -113,6 +113,8 @@ def summary_table(m: dict) -> str:
          f"{c['errors']} (" + ", ".join(f"{k} {v}" for k, v in sorted(c["errors_by_stage"].items())) + ")"),
         ("skipped (not images)", c["skipped"]),
     ]
+    if c.get("not_regular"):
+        rows.append(("left out (links not followed, FIFOs, devices)", c["not_regular"]))
     inc = c.get("incremental")
     if inc:
         rows += [

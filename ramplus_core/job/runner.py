@@ -111,7 +111,8 @@ def list_step(cfg: JobConfig, storage: Storage, rs: RunState, scrubber: Scrubber
     if rs.listing:
         return _listing_from(rs.listing)
     try:
-        listing = list_inputs(cfg.input, storage, cfg.listing.extensions, rs.staging, cfg.listing.rows_per_file, emit)
+        listing = list_inputs(cfg.input, storage, cfg.listing.extensions, rs.staging, cfg.listing.rows_per_file, emit,
+                              cfg.listing.follow_links)
     except ListingFailed as e:
         raise JobFailed(scrubber.text(
             f"{e}; nothing was committed to {redact_uri(cfg.output)}. Start the job again with the same "
@@ -232,12 +233,14 @@ def input_prefixes(inputs) -> list[str]:
 def _listing_dict(listing: ListingResult) -> dict:
     return {"files": listing.files, "listed": listing.listed, "skipped": listing.skipped,
             "list_errors": listing.list_errors, "skipped_examples": listing.skipped_examples,
+            "not_regular": listing.not_regular, "not_regular_examples": listing.not_regular_examples,
             "per_input": listing.per_input, "fingerprint": list(listing.fingerprint.as_tuple()), "seconds": listing.seconds}
 
 
 def _listing_from(d: dict) -> ListingResult:
     return ListingResult(files=d["files"], listed=d["listed"], skipped=d["skipped"], list_errors=d["list_errors"],
                          skipped_examples=d["skipped_examples"], per_input=d["per_input"],
+                         not_regular=d.get("not_regular", 0), not_regular_examples=d.get("not_regular_examples", []),
                          fingerprint=Fingerprint(*d["fingerprint"]), seconds=d.get("seconds", 0.0))
 
 
@@ -301,7 +304,9 @@ def _run(cfg: JobConfig, emit, storage: Storage, model: dict, rs: RunState, timi
     t = time.perf_counter()
     listing = list_step(cfg, storage, rs, scrubber, emit)
     timings["listing"] = time.perf_counter() - t
-    emit(f"listed {listing.listed} images ({listing.skipped} other objects skipped) in {timings['listing']:.1f}s")
+    not_regular = f", {listing.not_regular} not regular files left out" if listing.not_regular else ""
+    emit(f"listed {listing.listed} images ({listing.skipped} other objects skipped{not_regular}) "
+         f"in {timings['listing']:.1f}s")
 
     t = time.perf_counter()
     plan = plan_step(cfg, storage, rs, listing, model)
@@ -392,7 +397,8 @@ def _manifest(cfg: JobConfig, rs: RunState, model: dict, listing: ListingResult,
                        "grown_from": {k: {kk: v[kk] for kk in ("vocab_id", "floor", "copied_tags")}
                                       | {"computed_tags": len(v["compute"])} for k, v in plan.keys.items()}},
         "counts": {"listed": listing.listed, "tagged": check["tagged"], "errors": check["errors"],
-                   "skipped": listing.skipped, "errors_by_stage": check["errors_by_stage"],
+                   "skipped": listing.skipped, "not_regular": listing.not_regular,
+                   "errors_by_stage": check["errors_by_stage"],
                    "per_input": {redact_uri(k): v for k, v in listing.per_input.items()},
                    "incremental": {"mode": cfg.mode, **{k: plan.counts.get(k, 0) for k in pl.CATEGORIES},
                                    "deleted": plan.counts["deleted"], "work": plan.work},
@@ -417,6 +423,7 @@ def _manifest(cfg: JobConfig, rs: RunState, model: dict, listing: ListingResult,
                    "tags_schema": TAGS_SCHEMA.to_string(show_schema_metadata=False).splitlines(),
                    "errors_schema": ERRORS_SCHEMA.to_string(show_schema_metadata=False).splitlines()},
         "skipped_examples": listing.skipped_examples,
+        "not_regular_examples": listing.not_regular_examples,
         "config": redacted(cfg),
         "versions": versions(),
         "argv": [redact_uri(a) for a in sys.argv],

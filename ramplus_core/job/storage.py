@@ -23,7 +23,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
-from urllib.parse import urlparse
+from urllib.parse import unquote_to_bytes, urlparse
 
 from ..errors import ConfigError
 from .config import StorageConfig, redact_uri, uri_scheme
@@ -192,14 +192,48 @@ def ensure_dir(fs, path: str) -> None:
 
 def local_path(uri: str) -> str:
     path = uri[len("file://"):] if uri.startswith("file://") else uri
-    return str(Path(path).expanduser().absolute())
+    return _from_uri_text(str(Path(path).expanduser().absolute()))
 
 
 def to_uri(scheme: str, path: str) -> str:
     """The URI recorded in the output for a listed object (always with a scheme)."""
     if scheme == "file":
-        return "file://" + path
+        return "file://" + _uri_text(path)
     return f"{scheme}://{path}"
+
+
+def _uri_text(path: str) -> str:
+    """A local path as text a table can hold.
+
+    A name that is not UTF-8 (Latin-1 names from SMB shares or old archives) comes from the
+    OS with surrogate escapes, which no Arrow string or hash accepts. Such a path is written
+    with its non-ASCII bytes and its '%' percent-encoded so `local_path` can rebuild the
+    exact bytes; every UTF-8 path stays as it always was, so no existing URI changes.
+    """
+    try:
+        path.encode("utf-8")
+        return path
+    except UnicodeEncodeError:
+        return "".join(chr(b) if b < 0x80 and b != 0x25 else f"%{b:02X}" for b in os.fsencode(path))
+
+
+def _from_uri_text(path: str) -> str:
+    """The OS path of `_uri_text`'s output (a path that exists as spelled is taken as it is)."""
+    if "%" not in path or os.path.lexists(path):
+        return path
+    raw = unquote_to_bytes(path)
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return os.fsdecode(raw)
+    return path
+
+
+def encoded_name_taken(path: str) -> bool:
+    """Whether a non-UTF-8 path's URI spelling is itself the name of another file (then the
+    URI would be ambiguous: the listing leaves that object out and says so)."""
+    text = _uri_text(path)
+    return text != path and os.path.lexists(text)
 
 
 def join(uri: str, *parts: str) -> str:

@@ -210,3 +210,19 @@ def test_cli_bad_checkpoint_fails_fast_before_listing(tmp_path):
     assert not (tmp_path / "out").exists(), "nothing may be listed or written"
     assert "listed" not in r.stdout and "ray:" not in r.stdout
     assert elapsed < 60
+
+
+def test_cli_refuses_a_checkpoint_with_nan_weights_exit_2(tmp_path):
+    import torch
+
+    top = torch.load(CHECKPOINT, weights_only=True)
+    w = top["model"]["fc.weight"].clone()
+    w[0, 0] = float("nan")
+    top["model"]["fc.weight"] = w
+    bad = tmp_path / "nan.pth"
+    torch.save(top, bad)
+    r = run_cli("--input", str(REPO / "tests" / "golden" / "tiny" / "images"), "--output", str(tmp_path / "out"),
+                "--checkpoint", str(bad))
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().count("\n") == 0 and "nan.pth" in r.stderr and "fc.weight holds NaN" in r.stderr
+    assert not (tmp_path / "out").exists()

@@ -28,7 +28,7 @@ from ramplus_core.job.listing import has_extension
 from ramplus_core.job.reader import fetch_decode
 from ramplus_core.job.storage import Storage
 
-from .conftest import BUCKET, CHECKPOINT, REPO, WeedProcess, job_config, run_tag_bucket, table_rows
+from .conftest import BUCKET, CHECKPOINT, GOLDEN, REPO, WeedProcess, job_config, run_tag_bucket, table_rows
 from .http_tap import HttpTap
 
 FAKE_KEY, FAKE_SECRET = "AKIA-RAMPLUS-TEST-KEY", "s3cr3t-ramplus-test"
@@ -380,3 +380,49 @@ def test_a_vocabulary_file_with_a_python_tag_or_pickled_arrays_is_refused(tmp_pa
     with pytest.raises(VocabularyError, match="logo.*Object arrays cannot be loaded"):
         load_vocabulary(str(vocab), builtin)
     assert not marker.exists()
+
+
+def test_a_latin1_name_is_tagged_and_odd_objects_are_counted(ray_local, tmp_path):
+    """One Latin-1 name used to stop the listing every night; links out and FIFOs vanished."""
+    src = tmp_path / "in"
+    src.mkdir()
+    image = (GOLDEN / "images" / "rgb_640x480.jpg").read_bytes()
+    with open(os.fsencode(src) + b"/caf\xe9.jpg", "wb") as f:
+        f.write(image)
+    (tmp_path / "elsewhere.jpg").write_bytes(image)
+    os.symlink(tmp_path / "elsewhere.jpg", src / "link_out.jpg")
+    os.mkfifo(src / "pipe.jpg")  # reading it would block the reader forever
+    out = tmp_path / "out"
+    cfg = load_config(str(job_config(tmp_path)), inputs=[str(src)], output=str(out), checkpoint=str(CHECKPOINT))
+    lines: list[str] = []
+    result = run(cfg, emit=lines.append)
+    counts = result.manifest["counts"]
+    assert (counts["listed"], counts["tagged"], counts["errors"], counts["not_regular"]) == (1, 1, 0, 2)
+    assert len(result.manifest["not_regular_examples"]) == 2
+    assert any("2 not regular files left out" in line for line in lines)
+    uris = {r["uri"] for r in table_rows(out, "tags").to_pylist()}
+    assert uris == {f"file://{src}/caf%E9.jpg"}
+
+
+class _Same:
+    def __call__(self, batch):
+        return batch
+
+
+def test_bounded_restarts_reach_ray_without_a_deprecation_notice(ray_local):
+    """Every run printed Ray 2.60's `ray_remote_args` notice, caused by our max_restarts."""
+    import warnings
+
+    import ray.data
+    from ray.data import ActorPoolStrategy
+
+    from ramplus_core.job.pipeline import map_with_bounded_restarts
+
+    kw = dict(batch_size=2, compute=ActorPoolStrategy(size=1), num_cpus=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ds = map_with_bounded_restarts(ray.data.range(4), _Same, max_restarts=5, max_task_retries=3, **kw)
+    assert [str(w.message) for w in caught] == []
+    assert ds._logical_plan.dag.ray_remote_args == {"max_restarts": 5, "max_task_retries": 3, "num_cpus": 1}
+    with pytest.warns(DeprecationWarning, match="ray_remote_args"):  # fails once Ray names them: use those
+        ray.data.range(4).map_batches(_Same, max_restarts=5, max_task_retries=3, **kw)

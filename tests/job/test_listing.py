@@ -12,7 +12,7 @@ from ramplus_core.job.config import IMAGE_EXTENSIONS, StorageConfig
 from ramplus_core.job.listing import Fingerprint, has_extension, iter_entries, list_inputs
 from ramplus_core.job.commit import verify
 from ramplus_core.job.schemas import RESULT_SCHEMA
-from ramplus_core.job.storage import Storage
+from ramplus_core.job.storage import Storage, local_path
 
 from .conftest import mixed_files
 
@@ -137,3 +137,73 @@ def test_extensions_match_any_case_and_dot_names():
         assert has_extension(name, exts), name
     for name in ("s3://b/jpg", "s3://b/a.jpg.txt", "s3://b/notes", "s3://b/a.jpgx"):
         assert not has_extension(name, exts), name
+
+
+def _local_tree(tmp_path):
+    """An input folder with one of each object a listing may meet, and a file outside it."""
+    d = tmp_path / "in"
+    d.mkdir()
+    outside = tmp_path / "secret.jpg"
+    outside.write_bytes(b"outside the input")
+    (d / "a.jpg").write_bytes(b"a")
+    (d / "sub").mkdir()
+    os.symlink("a.jpg", d / "link_in.jpg")
+    os.symlink(outside, d / "link_out.jpg")
+    os.symlink("gone.jpg", d / "dangling.jpg")
+    os.symlink("sub", d / "folder_link.jpg")
+    os.symlink("/dev/null", d / "null.jpg")
+    os.mkfifo(d / "pipe.jpg")
+    os.mkfifo(d / "pipe.txt")  # not an image name: skipped like any other non-image
+    return d
+
+
+def test_links_fifos_and_devices_are_counted_not_followed(tmp_path):
+    d = _local_tree(tmp_path)
+    res = list_inputs([str(d)], Storage(), IMAGE_EXTENSIONS, str(tmp_path / "staging"), rows_per_file=10)
+    names = {r["uri"].rsplit("/", 1)[1] for r in pq.read_table(res.files[0]).to_pylist()}
+    assert names == {"a.jpg", "link_in.jpg"}, "a link to a file inside the input folder is listed"
+    assert (res.listed, res.skipped, res.list_errors, res.not_regular) == (2, 1, 0, 5)
+    why = {e.split(" (", 1)[0].rsplit("/", 1)[1]: e.split(" (", 1)[1] for e in res.not_regular_examples}
+    assert set(why) == {"dangling.jpg", "folder_link.jpg", "link_out.jpg", "null.jpg", "pipe.jpg"}
+    assert why["pipe.jpg"].startswith("FIFO")
+    assert why["link_out.jpg"].startswith("link to a file outside the input folder")
+    assert why["null.jpg"].startswith("link to a character device")
+    assert why["dangling.jpg"].startswith("dangling link")
+
+
+def test_follow_links_lists_files_outside_the_input(tmp_path):
+    d = _local_tree(tmp_path)
+    res = list_inputs([str(d)], Storage(), IMAGE_EXTENSIONS, str(tmp_path / "staging"), rows_per_file=10,
+                      follow_links=True)
+    names = {r["uri"].rsplit("/", 1)[1] for r in pq.read_table(res.files[0]).to_pylist()}
+    assert names == {"a.jpg", "link_in.jpg", "link_out.jpg"} and res.not_regular == 4
+
+
+def test_a_name_that_is_not_utf8_round_trips_through_its_uri(tmp_path):
+    d = tmp_path / "in"
+    raw = os.fsencode(d) + b"/caf\xe9 100%/r\xe9sum\xe9.jpg"
+    os.makedirs(os.path.dirname(raw))
+    with open(raw, "wb") as f:
+        f.write(b"latin-1 bytes")
+    (d / "plain 100%.jpg").write_bytes(b"utf-8")
+    res = list_inputs([str(d)], Storage(), IMAGE_EXTENSIONS, str(tmp_path / "staging"), rows_per_file=10)
+    uris = sorted(r["uri"] for r in pq.read_table(res.files[0]).to_pylist())
+    assert uris == [f"file://{d}/caf%E9 100%25/r%E9sum%E9.jpg", f"file://{d}/plain 100%.jpg"], \
+        "non-UTF-8 names are percent-encoded ('%' too); UTF-8 names keep their URI"
+    assert os.fsencode(local_path(uris[0])) == raw and local_path(uris[1]) == f"{d}/plain 100%.jpg"
+    fs, path = Storage().fetch_fs(uris[0])
+    assert fs.cat_file(path) == b"latin-1 bytes"
+
+
+def test_a_non_utf8_name_whose_encoding_is_taken_is_left_out_and_said(tmp_path):
+    d = tmp_path / "in"
+    d.mkdir()
+    with open(os.fsencode(d) + b"/caf\xe9.jpg", "wb") as f:
+        f.write(b"latin-1")
+    (d / "caf%E9.jpg").write_bytes(b"literal percent")
+    res = list_inputs([str(d)], Storage(), IMAGE_EXTENSIONS, str(tmp_path / "staging"), rows_per_file=10)
+    rows = pq.read_table(res.files[0]).to_pylist()
+    assert [r["uri"] for r in rows] == [f"file://{d}/caf%E9.jpg"] and res.not_regular == 1
+    assert "rename one of them" in res.not_regular_examples[0]
+    fs, path = Storage().fetch_fs(rows[0]["uri"])
+    assert fs.cat_file(path) == b"literal percent", "the name spelled as it is wins"
