@@ -50,7 +50,7 @@ class JpegInfo:
 
 
 def is_jpeg(data) -> bool:
-    return len(data) >= 3 and data[0] == 0xFF and data[1] == 0xD8 and data[2] == 0xFF
+    return bytes(data[:3]) == b"\xff\xd8\xff"
 
 
 def jpeg_info(data) -> Optional[JpegInfo]:
@@ -58,6 +58,8 @@ def jpeg_info(data) -> Optional[JpegInfo]:
     if not is_jpeg(data):
         return None
     data = memoryview(data)
+    if data.format != "B":  # e.g. a pyarrow buffer's signed bytes
+        data = data.cast("B")
     n = len(data)
     i = 2
     sof = None
@@ -156,7 +158,9 @@ def resize(arr: np.ndarray, size: int) -> np.ndarray:
 
     if not arr.flags.writeable or arr.strides[1] < 0 or arr.strides[0] < 0:
         arr = np.array(arr)  # torch takes neither read-only nor negative-stride arrays
-    x = torch.from_numpy(arr).permute(2, 0, 1).unsqueeze(0)  # NCHW view in channels-last memory
+    # NCHW view of HWC memory, built so torch sees channels-last: then its vectorised uint8
+    # kernel runs and the result is HWC-contiguous (the other order measured 2-3x slower)
+    x = torch.from_numpy(arr).unsqueeze(0).permute(0, 3, 1, 2)
     y = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
     return np.ascontiguousarray(y[0].permute(1, 2, 0).numpy())
 
