@@ -11,6 +11,9 @@ decode than a clean upscale), and for each decode path:
 - exact: `decode(data, DecodeLimits(mode="exact"))`, which must equal paper bit for bit
 - draft: exact mode with the former `jpeg_draft` switch (for comparison with earlier figures)
 - fast: `decode(data)`, the default
+- device-cpu: `gpu_decode.decode_batch([data], device="cpu")`, the GPU actor's code on the CPU
+  (torchvision's full libjpeg decode + float antialiased resize): its pixels are what nvJPEG
+  gives within a level; its speed on a CPU says nothing of a GPU's (benchmarks/gpu.py)
 
 images/s per core (one thread, CPU time of this process, median over repeats; the variants
 run interleaved so load from other work hits them alike), the ratio to paper, the mean and
@@ -55,6 +58,7 @@ def photo_jpegs(size: tuple[int, int], n: int, seed: int = 0) -> list[bytes]:
 def paths():
     from PIL import Image
 
+    from ramplus_core.gpu_decode import decode_batch
     from ramplus_core.preprocess import DecodeLimits, decode
 
     exact, draft, fast = DecodeLimits(mode="exact"), DecodeLimits(mode="exact", jpeg_draft=True), DecodeLimits()
@@ -67,6 +71,7 @@ def paths():
         "exact": lambda d: decode(d, exact).array,
         "draft": lambda d: decode(d, draft).array,
         "fast": lambda d: decode(d, fast).array,
+        "device-cpu": lambda d: decode_batch([d], fast, "cpu").pixels[0].numpy(),
     }
 
 
