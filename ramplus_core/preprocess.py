@@ -123,9 +123,10 @@ def pillow_pixel_limit(max_pixels: int):
 
     Pillow checks `Image.MAX_IMAGE_PIXELS` (errors above twice it) when opening and, for
     TIFF and WebP, when loading, so a `max_pixels` above Pillow's 179 million would be
-    overridden. Only then is the setting raised, under a lock held for the whole decode
-    (such decodes run one at a time per process), and put back after; a smaller
-    `max_pixels` needs nothing: our check from the header refuses first.
+    overridden. Only for such a `max_pixels` is the setting raised, under a lock held for the
+    whole decode (those decodes run one at a time per process), and put back after; a
+    smaller `max_pixels` needs nothing: our check from the header refuses first, and Pillow's
+    warning between its two thresholds is silenced for the call.
     """
     limit = Image.MAX_IMAGE_PIXELS
     if limit is None or 2 * limit >= max_pixels:
@@ -178,8 +179,8 @@ def _unknown_format(data: bytes) -> str:
 def _high_bit_to_l(img: Image.Image) -> Image.Image:
     """16-bit, 32-bit int and float greys -> 8-bit L, scaled not clipped, in strips of rows.
 
-    The whole image as float64 cost 8-25 bytes per pixel (2.5 GB for a 220 KB 16-bit PNG);
-    strips keep it at the L result plus one strip. Same arithmetic per pixel as before.
+    The whole image as float64 cost 8-25 bytes per pixel (2.2 GB for a 200 KB 16-bit PNG of
+    90 MP); strips keep it at the L result plus one strip. Same arithmetic per pixel as before.
     """
     mode = img.mode
     w, h = img.size
@@ -309,7 +310,7 @@ def _decode_pillow(data: bytes, limits: DecodeLimits, size: int) -> Decoded:
 
 def normalize(batch_uint8):
     """uint8 [N, H, W, 3] -> float32 [N, 3, H, W] with the ImageNet mean/std, in one op."""
-    import torch  # here, not at the top: decode workers never need torch
+    import torch  # here, not at the top: exact-mode decode workers never need torch
 
     x = torch.as_tensor(batch_uint8)
     x = x.permute(0, 3, 1, 2).to(torch.float32).div_(255.0)

@@ -130,3 +130,40 @@ def test_jpeg_bytes_without_decode_limits_are_an_internal_error():
             "pixels": [b""], "error": [None], "stage": [None], "encoded": [jpg]}
     got = t(pa.table(rows, schema=DECODED_SCHEMA)).to_pylist()
     assert got[0]["stage"] == "infer" and "does not decode" in got[0]["error"]
+
+
+def test_load_inputs_then_actor_with_jpegs_deferred(tmp_path):
+    """The decode task's UDF and the actor chained as the job chains them, JPEGs deferred or not.
+
+    Deferred, a JPEG crosses as its bytes and the actor decodes it; the tags equal those of
+    the CPU path and the scores stay within what one uint8 level moves.
+    """
+    from ramplus_core.job.config import DecodeConfig, FetchConfig
+    from ramplus_core.job.storage import Storage
+    from ramplus_core.job.work import LOADED_SCHEMA, load_inputs
+
+    names = sorted(p.name for p in (GOLDEN / "images").iterdir()) + ["broken.jpg"]
+    for n in names[:-1]:
+        (tmp_path / n).write_bytes((GOLDEN / "images" / n).read_bytes())
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff not really")
+    plan = pa.table({"uri": [f"file://{tmp_path / n}" for n in names], "size": [None] * len(names),
+                     "etag": [None] * len(names), "mtime": pa.array([None] * len(names), pa.timestamp("us", tz="UTC")),
+                     "list_error": pa.array([None] * len(names), pa.string())})
+    limits = DecodeConfig(device="gpu").limits()
+    out = {}
+    for defer in (False, True):
+        loaded = load_inputs(plan, storage=Storage(), fetch=FetchConfig(), limits=limits, output_uri=str(tmp_path),
+                             defer_jpeg=defer)
+        assert loaded.schema == LOADED_SCHEMA
+        encoded = [len(x) > 0 for x in loaded.column("encoded").to_pylist()]
+        assert sum(encoded) == (2 if defer else 0)  # the RGB and grey JPEGs; CMYK, PNG, GIF, junk: CPU
+        t, _ = _tagger(limits if defer else None)
+        out[defer] = t(loaded).to_pylist()
+    for a, b in zip(out[False], out[True]):
+        assert (a["uri"], a["width"], a["height"], a["error"], a["stage"]) == \
+               (b["uri"], b["width"], b["height"], b["error"], b["stage"])
+        if a["error"] is None:
+            assert a["tags"] == b["tags"]
+            sa, sb = ({s["tag"]: s["score"] for s in r["scores"]} for r in (a, b))
+            assert max(abs(sa[k] - sb[k]) for k in sa) < 2e-3
+    assert out[True][-1]["stage"] == "decode" and out[True][-1]["error"] == out[False][-1]["error"]
