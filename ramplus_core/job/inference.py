@@ -159,8 +159,6 @@ class Tagger:
             self.keys[key] = {"compute": idx, "copy": copy, "prepared": full.select(idx) if len(idx) else None}
         self.work = _zero_work()
         self.decode_limits = decode_limits  # None: pixels arrive decoded; else JPEG bytes may, in `encoded`
-        self.decode_s = 0.0  # time decoding JPEG rows here (inside infer_s)
-        self.decoded_on_device = 0  # JPEG rows decoded by the device decoder (the rest fell back to the CPU)
         self.info = {
             "pid": os.getpid(),
             "node_id": ray.get_runtime_context().get_node_id() if ray.is_initialized() else None,
@@ -322,7 +320,7 @@ class Tagger:
         """Rows for the backbone and their uint8 NHWC pixels, in row order: decoded rows (a view of
         the Arrow buffer) and JPEG rows decoded here in one batch; JPEG rows that fail get error rows."""
         rows = np.flatnonzero(decoded)
-        pixels = _pixels(batch.column("pixels"), len(rows))
+        pixels = _pixels(batch.column("pixels"), len(rows)) if len(rows) else np.empty((0, 384, 384, 3), np.uint8)
         enc = np.flatnonzero(encoded)
         if not len(enc):
             return rows, pixels
@@ -330,7 +328,6 @@ class Tagger:
 
         from ..gpu_decode import decode_batch
 
-        t0 = time.perf_counter()
         column = batch.column("encoded")
         got = decode_batch([memoryview(column[int(i)].as_buffer()) for i in enc], self.decode_limits, self.model.device)
         for j, i in enumerate(enc):
@@ -338,8 +335,7 @@ class Tagger:
                 width[i], height[i] = got.width[j], got.height[j]
             else:
                 error[i], stage[i] = got.error[j], "decode"
-        self.decode_s += time.perf_counter() - t0
-        self.decoded_on_device += got.on_device
+        self.work["actor_decoded_jpegs"] += got.on_device
         both = np.concatenate([rows, enc[got.ok]])
         order = np.argsort(both, kind="stable")
         x = torch.cat([_as_tensor(pixels).to(self.model.device), got.pixels.to(self.model.device)])
@@ -468,7 +464,8 @@ def _pixels(column: pa.ChunkedArray, n_ok: int) -> np.ndarray:
 
 
 def _zero_work() -> dict:
-    return {"backbone_images": 0, "token_reads": 0, "head_tag_scores": 0, "copied_scores": 0, "tokens_written": 0}
+    return {"backbone_images": 0, "token_reads": 0, "head_tag_scores": 0, "copied_scores": 0, "tokens_written": 0,
+            "actor_decoded_jpegs": 0}  # the last: JPEGs decoded by the actor's device decoder (gpu_decode)
 
 
 def _process_start() -> Optional[float]:

@@ -114,13 +114,25 @@ def test_jpeg_bytes_decoded_in_the_actor():
     assert got[3]["stage"] == "decode" and "truncated" in got[3]["error"]
     assert [(r["width"], r["height"]) for r in got] == [(640, 480), (400, 400), (None, None), (None, None),
                                                         (256, 256), (500, 300)]
-    assert t.decoded_on_device == 2  # the two whole JPEGs; the PNG and the cut JPEG went to the CPU path
+    assert t.work["actor_decoded_jpegs"] == 2  # the two whole JPEGs; the PNG and the cut JPEG went to the CPU path
     # scores as the model gives them for the CPU fast decode of the same bytes (within one uint8 level)
     px = np.stack([decode(b).array for b in (jpg, images["cmyk_400.jpg"], png, gray)])
     probs = torch.sigmoid(model.logits(normalize(px))).numpy()
     for row, p in zip([got[0], got[1], got[4], got[5]], probs):
         score = {s["tag"]: s["score"] for s in row["scores"]}
         assert np.allclose([score[n] for n in t.names], p, atol=2e-3)
+
+
+def test_a_batch_of_jpeg_bytes_only():
+    t, model = _tagger(DecodeLimits())
+    jpg = (GOLDEN / "images" / "rgb_640x480.jpg").read_bytes()
+    rows = {"uri": ["a", "b"], "size": [1, 1], "etag": ["e", "e"], "mtime": [None, None], "width": [None, None],
+            "height": [None, None], "pixels": [b"", b""], "error": [None, None], "stage": [None, None],
+            "encoded": [jpg, jpg]}
+    got = t(pa.table(rows, schema=DECODED_SCHEMA)).to_pylist()
+    assert [r["error"] for r in got] == [None, None] and got[0]["tags"] == got[1]["tags"]
+    assert [s["score"] for s in got[0]["scores"]] == pytest.approx([s["score"] for s in got[1]["scores"]], abs=1e-6)
+    assert (got[0]["width"], got[0]["height"]) == (640, 480)
 
 
 def test_jpeg_bytes_without_decode_limits_are_an_internal_error():
