@@ -17,12 +17,10 @@ from pathlib import Path
 
 def _ensure_importable() -> None:
     """Run from a checkout without installing: put the repo root on the path."""
-    try:
-        import ramplus_core  # noqa: F401
-        return
-    except ImportError:
-        pass
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    import importlib.util
+
+    if importlib.util.find_spec("ramplus_core") is None:
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def _cli():

@@ -18,12 +18,10 @@ from pathlib import Path
 
 def _ensure_importable() -> None:
     """Run from a checkout without installing: put the repo root on the path."""
-    try:
-        import ramplus_core  # noqa: F401
-        return
-    except ImportError:
-        pass
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    import importlib.util
+
+    if importlib.util.find_spec("ramplus_core") is None:
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def _cli():
@@ -47,6 +45,11 @@ what is computed (docs/evaluation.md has the details):
   --thresholds. Macro: mean over classes with positives; micro: pooled counts.
   For exact mAP the run must keep every score: tag with --set inference.score_floor=0 (a
   warning says so otherwise). Annotated images without a result are listed, not dropped.
+  The run is the output as it was right after that run's commits (Delta time travel): every
+  image tagged then, including rows an incremental run kept from earlier runs.
+  --official: the RAM++ authors' evaluation script's numbers instead (numpy's sort order
+  among tied scores, classes without positives count as AP 0 in mAP, one AP per tag-list
+  line, predicted when score >= threshold, P and R averaged over every class).
 
 """
 
@@ -60,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_labelled_args(p)
     p.add_argument("--thresholds", metavar="FILE.tsv",
                    help="re-threshold these tags (tag<TAB>threshold, e.g. from jobs/calibrate.py) before P/R/F1")
+    p.add_argument("--official", action="store_true",
+                   help="reproduce the official RAM++ evaluation script's figures (see below and docs/evaluation.md) "
+                        "instead of the default, order-free definitions")
     p.add_argument("--out", required=True, metavar="DIR", help="folder for metrics.json and metrics.txt")
     p.add_argument("--show", type=int, default=40, metavar="N",
                    help="print the N classes with the lowest AP (default 40; 0 for all); metrics.txt has all")
@@ -82,7 +88,7 @@ def main(argv=None) -> int:
         taglist = read_taglist(args.taglist) if args.taglist else None
         run = open_run(args.run, args.run_id, storage_from(args))
         sample = load_labelled(run, ann, taglist, key=args.key, missing_as_negative=args.missing_as_negative)
-        result = evaluate_sample(sample, thresholds)
+        result = evaluate_sample(sample, thresholds, mode="official" if args.official else "default")
         result["annotations"] = args.annotations
         result["taglist"] = taglist.source if taglist else None
         out = Path(args.out)

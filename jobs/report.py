@@ -1,9 +1,12 @@
 #!/usr/bin/env python
-"""Make a static HTML page of a tagging run: thumbnails with tags, errors, counts and plots.
+"""Make a static HTML page of a tagging run: the catalog, what the run changed, thumbnails with tags.
 
     python jobs/report.py --run s3://tags/ramplus/ --sample 48 --out report.html
 
-The page has no scripts and loads nothing: thumbnails and plots are embedded, so it can be
+Everything is as of right after the run's commits: the tables' counts (images with tags +
+images with errors = images in the catalog), what the run's commits inserted, updated and
+deleted (the change data feed), the manifest's figures for the run's work, a seeded sample of
+the tags table, and the errors table. The page has no scripts and loads nothing: thumbnails and plots are embedded, so it can be
 opened offline or mailed. Exit status: 0 done, 2 bad input (one line on stderr), 1 anything else.
 """
 
@@ -16,12 +19,10 @@ from pathlib import Path
 
 def _ensure_importable() -> None:
     """Run from a checkout without installing: put the repo root on the path."""
-    try:
-        import ramplus_core  # noqa: F401
-        return
-    except ImportError:
-        pass
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    import importlib.util
+
+    if importlib.util.find_spec("ramplus_core") is None:
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def _cli():

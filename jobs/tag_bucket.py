@@ -40,33 +40,35 @@ credentials: storage.* in the config, or AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_K
   AWS_SESSION_TOKEN / AWS_REGION / AWS_ENDPOINT_URL in the environment of the driver (they
   are passed to the Ray workers; they are never printed or written to the manifest).
 
-incremental: by default (--mode missing) a run tags only what has no committed result for
+incremental: by default (--mode missing) a run tags only what the tables do not hold for
   this model and vocabulary (new or changed objects, retryable errors, tags a grown
-  vocabulary adds), writes tombstones for deleted objects, and resumes an unfinished run
-  started with the same settings (a killed driver): just start it again.
+  vocabulary adds), removes rows of deleted objects, and resumes an unfinished run started
+  with the same settings (a killed driver): just start it again.
 
-output layout:
-  <output>/tags/run_date=YYYY-MM-DD/shard=NN/part-<run_id>-<attempt>-<task>.parquet
-  <output>/errors/run_date=YYYY-MM-DD/shard=NN/part-<run_id>-<attempt>-<task>.parquet
-  <output>/tombstones/run_date=YYYY-MM-DD/part-<run_id>.parquet  images gone since the last run
-  <output>/_index/                  what the next run reads instead of every past file
-  <output>/_runs/<run_id>.json      manifest, written after all data
-  <output>/_runs/<run_id>._SUCCESS  commit marker: read only runs that have one
-  See docs/job.md for the schema and reading examples.
+output (Delta Lake tables; read them with deltalake, DuckDB, Polars, Spark, Trino...):
+  <output>/tags/     one row per image that has tags now (uri unique), partitioned by shard
+  <output>/errors/   one row per image that cannot be tagged now, with the reason and stage
+  <output>/_runs/<run_id>.json   the run's manifest: counts, timings, the table versions
+  Each run commits once per table (a reader sees the whole run or none of it); the
+  change data feed tells indexers what changed since any version. See docs/job.md.
+
+exit codes: 0 committed; 2 bad config, checkpoint, vocabulary or output (nothing done);
+  3 the run did not commit (start it again to resume); 4 other runs kept committing to the
+  same tables (start it again: it commits on top of theirs); 1 anything else.
 """
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="tag_bucket.py",
-        description="Tag every image under the input prefixes with RAM++ on Ray and write Parquet "
-                    "(tags/, errors/, and a run manifest) under the output URI.",
+        description="Tag every image under the input prefixes with RAM++ on Ray and commit the results "
+                    "to two Delta Lake tables (tags, errors) plus a run manifest under the output URI.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", metavar="YAML", help="job settings (see conf/default.yaml); optional")
     p.add_argument("--input", action="append", metavar="URI",
                    help="folder or prefix to tag: s3://bucket/prefix/, /local/dir, any fsspec URL; "
                         "repeat for several (replaces 'input' of the config)")
-    p.add_argument("--output", metavar="URI", help="where tags/, errors/ and _runs/ are written")
+    p.add_argument("--output", metavar="URI", help="where the tags and errors tables and _runs/ live")
     p.add_argument("--checkpoint", metavar="URI", help="RAM++ checkpoint (.pth or .safetensors), local or any URL")
     p.add_argument("--vocab", metavar="FILE", help="vocabulary file (YAML: builtin, tags, import, text_encoder, "
                                                    "cache); sets vocabulary.file")
@@ -105,10 +107,12 @@ def main(argv=None) -> int:
         cfg = load_config(args.config, inputs=args.input, output=args.output, checkpoint=args.checkpoint,
                           run_id=args.run_id, vocab=args.vocab, mode=args.mode, overrides=overrides)
         scrubber = Scrubber.for_run(cfg)
-        from ramplus_core.job.runner import JobFailed, run
+        from ramplus_core.job.runner import EXIT_CONFLICT, CommitConflict, JobFailed, run
 
         try:
             run(cfg, emit=lambda line: print(line, flush=True))
+        except CommitConflict as e:
+            return fail(str(e), EXIT_CONFLICT)
         except JobFailed as e:
             return fail(str(e), 3)
     except (ConfigError, CheckpointError, VocabularyError) as e:

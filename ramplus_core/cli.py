@@ -77,7 +77,7 @@ class _Unusable(Exception):
 def _build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ramplus", description=_DESCRIPTION,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", metavar="{tag,export,describe}")
+    sub = p.add_subparsers(dest="command", metavar="{tag,export,describe,maintain,migrate}")
     sub.required = True
 
     t = sub.add_parser("tag", help="tag images and print the tags over threshold",
@@ -111,6 +111,10 @@ def _build_parser() -> argparse.ArgumentParser:
 
     # parsed by describe.main (see main below); listed here so --help shows it
     sub.add_parser("describe", help="write LLM descriptions of new tags (its own --help)", add_help=False)
+    sub.add_parser("maintain", help="compact and vacuum a tagging job's Delta tables (its own --help)",
+                   add_help=False)
+    sub.add_parser("migrate", help="convert a job output of the layout before Delta tables (its own --help)",
+                   add_help=False)
     return p
 
 
@@ -292,6 +296,10 @@ def main(argv: list[str] | None = None) -> int:
         from .describe import main as describe_main
 
         return describe_main(argv[1:])
+    if argv[:1] in (["maintain"], ["migrate"]):  # the job's tables: job/admin.py
+        from .job.admin import main as admin_main
+
+        return admin_main(argv)
     args = _build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="ramplus: %(message)s")
     # torch warns about the pickle protocol of files it is about to refuse anyway; the

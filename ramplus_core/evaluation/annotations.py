@@ -70,6 +70,7 @@ class TagList:
     names: tuple[str, ...]  # the classes: unique, in order of first appearance
     line_counts: tuple[int, ...]  # lines naming each class (>1 for the paper's duplicates)
     source: str = ""
+    line_classes: tuple[int, ...] = ()  # the class of each line, in file order (the paper's columns)
 
     @property
     def duplicates(self) -> dict[str, int]:
@@ -81,9 +82,11 @@ class TagList:
     @classmethod
     def from_names(cls, names: Iterable[str], source: str = "") -> "TagList":
         counts: dict[str, int] = {}
+        names = list(names)
         for n in names:
             counts[n] = counts.get(n, 0) + 1
-        return cls(tuple(counts), tuple(counts.values()), source)
+        index = {n: i for i, n in enumerate(counts)}
+        return cls(tuple(counts), tuple(counts.values()), source, tuple(index[n] for n in names))
 
 
 def read_taglist(path_or_name: str) -> TagList:

@@ -13,6 +13,12 @@ Which images: an annotated image that has no tag row is not silently dropped. It
 as `errored` (with the job's reason) or `missing` (never listed by the run), and left out
 of the metrics, unless `missing_as_negative` counts it as an image the tagger scored 0 on
 every class (the pessimistic reading: a benchmark image the job could not tag is a miss).
+Rows are in annotation-file order, as the official script has them (its tie order depends
+on it).
+
+Which rows: every row of the tags table at the run's version (results.py), so an
+incremental run's reused rows count. When those rows were written by more than one model or
+vocabulary the result says so in a warning.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from . import metrics as mx
 from .annotations import (Annotations, TagList, ambiguity_error, check_known_tags, image_key, label_matrix,
                           match_images)
 from .common import EvaluationError
-from .results import Run, floor_warning, read_errors, read_tag_column, score_matrix
+from .results import Run, floor_warning, read_errors, read_tag_column, score_matrix, vocabulary_thresholds
 
 
 @dataclass
@@ -43,6 +49,8 @@ class LabelledSample:
     predicted: np.ndarray
     images: dict  # counts and lists of what was and was not evaluated
     warnings: list[str] = field(default_factory=list)
+    vocab_ids: list = field(default_factory=list)  # per row: the vocab_id of its tag row (None: no row)
+    line_classes: list[int] = field(default_factory=list)  # the class of each tag-list line, in file order
 
 
 def load_labelled(run: Run, ann: Annotations, taglist: Optional[TagList] = None, key: str = "stem",
@@ -51,9 +59,11 @@ def load_labelled(run: Run, ann: Annotations, taglist: Optional[TagList] = None,
     if taglist is not None:
         check_known_tags(ann, taglist.names, f"the tag list {taglist.source}")
         classes, line_counts = list(taglist.names), list(taglist.line_counts)
+        line_classes = list(taglist.line_classes) or list(range(len(classes)))
     else:
         classes = sorted(ann.all_tags())
         line_counts = [1] * len(classes)
+        line_classes = list(range(len(classes)))
         if not classes:
             raise EvaluationError(f"{ann.source}: no image has a tag, and no --taglist gives the classes")
 
@@ -91,6 +101,11 @@ def load_labelled(run: Run, ann: Annotations, taglist: Optional[TagList] = None,
     msg = floor_warning(run.score_floor)
     if msg:
         notes.append(msg)
+    mixed = {k: v for k, v in run.row_versions().items() if len(v) > 1}
+    if mixed:
+        notes.append("the tag rows at this version were written with more than one "
+                     + " and ".join(f"{k} ({', '.join(v[:4])}{' ...' if len(v) > 4 else ''})" for k, v in mixed.items())
+                     + ": an incremental run kept earlier rows, and their scores are evaluated together")
 
     unseen = [c for c in classes if c not in sm.seen_tags]
     vocab_n = run.vocabulary_size
@@ -118,7 +133,8 @@ def load_labelled(run: Run, ann: Annotations, taglist: Optional[TagList] = None,
                      f"{len(missing)} not in the run): {how}")
     return LabelledSample(run=run, classes=classes, line_counts=line_counts, ids=[ann.ids[a] for a in keep],
                           uris=[uris[m.rows[a]] if a in m.rows else None for a in keep], scores=sm.scores,
-                          labels=labels, predicted=sm.predicted, images=images, warnings=notes)
+                          labels=labels, predicted=sm.predicted, images=images, warnings=notes,
+                          vocab_ids=list(sm.vocab_ids), line_classes=line_classes)
 
 
 def apply_thresholds(sample: LabelledSample, thresholds: Mapping[str, float]) -> np.ndarray:
@@ -130,18 +146,70 @@ def apply_thresholds(sample: LabelledSample, thresholds: Mapping[str, float]) ->
     return pred
 
 
-def evaluate_sample(sample: LabelledSample, thresholds: Optional[Mapping[str, float]] = None) -> dict:
+def official_predictions(sample: LabelledSample, thresholds: Optional[Mapping[str, float]] = None
+                         ) -> tuple[np.ndarray, list[str]]:
+    """Predictions as the official script makes them: score >= the tag's threshold.
+
+    A row's thresholds are those of the vocabulary it was tagged with (`_vocab/<vocab_id>.json`),
+    or from `thresholds` (the --thresholds file) for the tags it lists. Compared in float64
+    against the threshold's decimal value, as the script compares its float32 scores with the
+    floats of its threshold file. Where no threshold is known the row's `tags` decide (a note
+    says how many classes). Returns (predictions, notes).
+    """
+    pred = sample.predicted.copy()
+    s64 = sample.scores.astype(np.float64)
+    unknown: set = set()
+    rows_by_vocab: dict = {}
+    for i, v in enumerate(sample.vocab_ids):
+        if v is not None:
+            rows_by_vocab.setdefault(v, []).append(i)
+    for v, rows in rows_by_vocab.items():
+        known = vocabulary_thresholds(sample.run, v) or {}
+        idx = np.asarray(rows, dtype=np.int64)
+        for k, c in enumerate(sample.classes):
+            t = thresholds[c] if thresholds and c in thresholds else known.get(c)
+            if t is None:
+                unknown.add(c)
+                continue
+            pred[idx, k] = s64[idx, k] >= float(t)
+    notes = []
+    if unknown:
+        names = sorted(unknown)
+        notes.append(f"official mode: no threshold known for {len(names)} class(es) (the run's vocabulary descriptor "
+                     f"_vocab/<vocab_id>.json lacks them and --thresholds does not list them); the job's tags (score > "
+                     f"threshold) decide them: {', '.join(repr(c) for c in names[:10])}{' ...' if len(names) > 10 else ''}")
+    return pred, notes
+
+
+def evaluate_sample(sample: LabelledSample, thresholds: Optional[Mapping[str, float]] = None,
+                    mode: str = "default") -> dict:
     """metrics.json: the run, the images accounted for, mAP, averages and per-class figures."""
-    pred = sample.predicted if thresholds is None else apply_thresholds(sample, thresholds)
-    m = mx.evaluate(sample.scores, sample.labels, pred, sample.classes, sample.line_counts)
+    notes = list(sample.warnings)
+    if mode == "official":
+        pred, more = official_predictions(sample, thresholds)
+        notes.extend(more)
+        lacking = len(sample.images["errored"]) + len(sample.images["missing"])
+        if lacking:
+            notes.append(f"official mode: {lacking} annotated image(s) have no tag row; the official script scores a "
+                         "black 10x10 image in their place, so its figures differ unless every image is tagged")
+    else:
+        pred = sample.predicted if thresholds is None else apply_thresholds(sample, thresholds)
+    m = mx.evaluate(sample.scores, sample.labels, pred, sample.classes, sample.line_counts, mode=mode,
+                    line_classes=sample.line_classes)
     r = sample.run
+    if mode == "official":
+        how = "score >= threshold: --thresholds where given, else the run's vocabulary's"
+    else:
+        how = "from --thresholds where given, else the run's" if thresholds else "the run's"
     return {
+        "mode": mode,
         "run": {"output": r.output, "run_id": r.run_id, "model_id": r.manifest.get("model_id"),
-                "vocab_id": r.manifest.get("vocab_id"), "score_floor": r.score_floor},
-        "thresholds": "from --thresholds where given, else the run's" if thresholds else "the run's",
+                "vocab_id": r.manifest.get("vocab_id"), "score_floor": r.score_floor,
+                "table_versions": dict(r.versions)},
+        "thresholds": how,
         "images": sample.images,
-        "warnings": list(sample.warnings),
-        **{k: v for k, v in m.as_dict().items() if k != "images"},  # `images` above says more
+        "warnings": notes,
+        **{k: v for k, v in m.as_dict().items() if k not in ("images", "mode")},  # `images` above says more
     }
 
 
@@ -153,7 +221,11 @@ def format_table(result: dict, max_classes: Optional[int] = None) -> str:
     """The readable summary printed by jobs/evaluate.py (figures in percent)."""
     lines = []
     r, im = result["run"], result["images"]
+    official = result.get("mode") == "official"
     lines.append(f"run {r['run_id']}  model {r['model_id']}  vocab {r['vocab_id']}  score floor {r['score_floor']}")
+    if official:
+        lines.append("official mode: the RAM++ evaluation script's definitions (ties in numpy's sort order, classes "
+                     "without positives count as AP 0, predicted when score >= threshold)")
     lines.append(f"images: {im['annotated']} annotated, {im['evaluated']} evaluated, {len(im['errored'])} errored, "
                  f"{len(im['missing'])} missing, {im['results_not_annotated']} results not annotated")
     lines.append("")
@@ -167,7 +239,8 @@ def format_table(result: dict, max_classes: Optional[int] = None) -> str:
         lines.append(f"{'mAP per tag-list line':<28}{_pct(result['mAP_per_list_line']):>8}")
     if result["classes_without_positives"]:
         names = result["classes_without_positives"]
-        lines.append(f"{len(names)} class(es) without positives, not in the means: "
+        how = "counted as AP 0 (official)" if official else "not in the means"
+        lines.append(f"{len(names)} class(es) without positives, {how}: "
                      f"{', '.join(names[:8])}{' ...' if len(names) > 8 else ''}")
     lines.append("")
     per = result["per_class"]

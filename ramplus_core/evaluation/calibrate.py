@@ -173,7 +173,8 @@ def calibrate_sample(sample, *, mode: str = "f1", target_precision: Optional[flo
     return Calibration(mode=mode, target_precision=target_precision, min_positives=min_positives,
                        images=int(sample.scores.shape[0]), tags=tags,
                        run={"output": r.output, "run_id": r.run_id, "model_id": r.manifest.get("model_id"),
-                            "vocab_id": r.manifest.get("vocab_id"), "score_floor": r.score_floor})
+                            "vocab_id": r.manifest.get("vocab_id"), "score_floor": r.score_floor,
+                            "table_versions": dict(r.versions)})
 
 
 def write_thresholds(cal: Calibration, path: str) -> int:
@@ -203,7 +204,7 @@ def write_thresholds(cal: Calibration, path: str) -> int:
 def read_thresholds(path: str) -> dict[str, float]:
     """Read a thresholds file the way the job does (for `evaluate --thresholds`)."""
     from ..errors import ConfigError
-    from ..job.runner import _read_thresholds
+    from ..job.vocab import _read_thresholds
 
     try:
         return _read_thresholds(path)

@@ -21,8 +21,10 @@ storage: the output URI and image URIs may be local paths, s3://... or any fsspe
 
 def add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run", required=True, metavar="OUTPUT_URI",
-                   help="the tagging job's --output (the folder holding tags/, errors/ and _runs/)")
-    p.add_argument("--run-id", metavar="ID", help="a committed run id (default: the latest committed run)")
+                   help="the tagging job's --output (the folder holding the tags/ and errors/ tables and _runs/)")
+    p.add_argument("--run-id", metavar="ID",
+                   help="a committed run id (default: the latest committed run); the tables are read as they were "
+                        "right after that run's commits")
     p.add_argument("--endpoint-url", metavar="URL", help="S3-compatible endpoint, e.g. http://127.0.0.1:8333")
 
 

@@ -6,12 +6,24 @@ Content-Security-Policy in the page forbids every other load, so a page that ren
 cleanly once renders the same anywhere, offline, and cannot leak the bucket's URLs to a
 third party by fetching something.
 
-What it shows: the run's manifest figures (counts, errors by stage, images/s, timings:
-these cover the whole run), a seeded random sample of N tagged images with their tags and
-scores and a frequency plot and a score histogram of that sample, and the run's error rows
-with their reasons (all of them up to a limit). Sampling reads only the Parquet files that
-hold sampled rows, and from each only up to the last sampled row, so a report of a run of
-millions of images stays cheap.
+What it shows, all as of right after the run's commits (the table versions its manifest
+records, read by time travel):
+
+    catalog    the tables' state: images with tags + images with errors = images in the
+               catalog (every image is in exactly one table at those versions), errors by
+               stage
+    changes    what the run's own commits did, from the change data feed: images added,
+               fixed (error -> tagged), retagged, newly failing, broken (tagged -> error),
+               removed, with a few examples of each
+    the run    the manifest's figures for the run's work (listed, tagged, errors, the
+               incremental plan, images/s, timings, resources)
+    sample     a seeded uniform sample of N rows of the tags table, with thumbnails, tags
+               and scores, a tag frequency plot and a score histogram
+    errors     the errors table's rows with their reasons (up to a limit)
+
+Sampling picks row numbers over the table's files (row counts from the Delta log) and
+reads only the files that hold a sampled row, each only up to its last sampled row, so a
+report of a catalog of millions of images stays cheap.
 """
 
 from __future__ import annotations
@@ -19,21 +31,25 @@ from __future__ import annotations
 import base64
 import html
 import io
+import json
 import math
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Optional
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from ..job.storage import Storage, join
-from .results import Run, iter_tag_batches, open_run, read_errors
+from .results import Run, open_run, read_errors
 
 COLUMNS = ["uri", "size", "width", "height", "tags", "scores"]
 MAX_THUMB_SOURCE_BYTES = 64 * 2**20
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; base-uri 'none'; form-action 'none'"
+EXAMPLES = 5
 
 
 @dataclass
@@ -44,45 +60,203 @@ class Thumb:
 
 # -- data ---------------------------------------------------------------------------------
 
-def sample_rows(run: Run, n: int, seed: int = 0) -> list[dict]:
-    """n tag rows chosen uniformly at random (seeded) over the whole run, sorted by uri."""
-    import pyarrow.parquet as pq
+def _fragments(run: Run) -> list[tuple[object, int]]:
+    """The tags table's files at the run's version with their row counts, in path order (so a
+    seed picks the same rows whatever order the log lists them in)."""
+    ds = run.dataset("tags")
+    stats = run.file_stats("tags")
+    rows_of = {}
+    if stats.num_rows and "num_records" in stats.column_names:
+        rows_of = dict(zip(stats.column("path").to_pylist(), stats.column("num_records").to_pylist()))
+    out = []
+    for frag in sorted(ds.get_fragments(), key=lambda f: f.path):
+        n = rows_of.get(frag.path)
+        out.append((frag, int(n) if n is not None else frag.count_rows()))
+    return out
 
+
+def sample_rows(run: Run, n: int, seed: int = 0) -> list[dict]:
+    """n rows of the tags table at the run's version, uniform at random (seeded), sorted by uri."""
     if n <= 0:
         return []
-    rng = np.random.default_rng(seed)
-    files = run.files("tags")
-    if files is None:  # no file list in the manifest: scan and pick
-        rows = [r for b in iter_tag_batches(run, COLUMNS) for r in b.to_pylist()]
-        pick = sorted(rng.choice(len(rows), size=min(n, len(rows)), replace=False).tolist()) if rows else []
-        return sorted((rows[i] for i in pick), key=lambda r: r["uri"])
-    counts = np.array([int(f.get("rows", 0)) for f in files], dtype=np.int64)
+    frags = _fragments(run)
+    counts = np.array([c for _, c in frags], dtype=np.int64)
     total = int(counts.sum())
     if total == 0:
         return []
+    rng = np.random.default_rng(seed)
     pick = np.sort(rng.choice(total, size=min(n, total), replace=False))
     starts = np.r_[0, np.cumsum(counts)[:-1]]
+    schema = run.dataset("tags").schema  # the table's types (a file alone reads strings as string_view)
     out = []
-    for f, start, count in zip(files, starts, counts):
+    for (frag, count), start in zip(frags, starts):
         want = pick[(pick >= start) & (pick < start + count)] - start
         if not want.size:
             continue
-        fs, path = run.storage.pyarrow(join(run.output, f["path"]))
-        with fs.open_input_file(path) as fh:
-            pf = pq.ParquetFile(fh)
-            pos, i = 0, 0
-            for batch in pf.iter_batches(batch_size=1024, columns=COLUMNS):
-                end = pos + batch.num_rows
-                local = []
-                while i < want.size and want[i] < end:
-                    local.append(int(want[i] - pos))
-                    i += 1
-                if local:
-                    out.extend(batch.take(local).to_pylist())
-                pos = end
-                if i >= want.size:
-                    break
+        pos, i = 0, 0
+        for batch in frag.to_batches(schema=schema, columns=COLUMNS, batch_size=1024):
+            end = pos + batch.num_rows
+            local = []
+            while i < want.size and want[i] < end:
+                local.append(int(want[i] - pos))
+                i += 1
+            if local:
+                out.extend(batch.take(local).to_pylist())
+            pos = end
+            if i >= want.size:
+                break
     return sorted(out, key=lambda r: r["uri"])
+
+
+@dataclass
+class Catalog:
+    """The tables at the run's versions."""
+
+    tagged: int
+    errors: int
+    errors_by_stage: dict
+    versions: dict
+
+    @property
+    def images(self) -> int:
+        return self.tagged + self.errors
+
+
+def catalog_state(run: Run, errors: pa.Table) -> Catalog:
+    stats = run.file_stats("tags")
+    if stats.num_rows and "num_records" in stats.column_names and stats.column("num_records").null_count == 0:
+        tagged = int(pc.sum(stats.column("num_records")).as_py() or 0)
+    else:
+        tagged = run.dataset("tags").count_rows()
+    by_stage = Counter(s or "?" for s in errors.column("stage").to_pylist())
+    return Catalog(tagged, errors.num_rows, dict(sorted(by_stage.items())), dict(run.versions))
+
+
+# what an image went through in one run, from the two tables' change feeds
+CATEGORIES = (
+    ("added", "newly tagged"), ("fixed", "error -> tagged"), ("retagged", "tags updated"),
+    ("failed", "new error"), ("broke", "tagged -> error"), ("error_again", "error updated"), ("removed", "removed"))
+
+
+@dataclass
+class Changes:
+    versions: dict  # kind -> the versions the run committed
+    tables: dict  # kind -> {"inserted", "updated", "deleted"}
+    images: dict  # category -> count
+    examples: dict  # category -> [{uri, ...}]
+    notes: list = field(default_factory=list)
+
+    @property
+    def added(self) -> int:
+        return self.images.get("added", 0) + self.images.get("failed", 0)
+
+    @property
+    def removed(self) -> int:
+        return self.images.get("removed", 0)
+
+
+def _commit_info(run: Run, kind: str, version: int) -> dict:
+    fs, path = run.storage.pyarrow(join(run.output, kind, "_delta_log", f"{version:020d}.json"))
+    with fs.open_input_stream(path) as f:
+        for line in f.read().decode("utf-8").splitlines():
+            if '"commitInfo"' in line:
+                return json.loads(line).get("commitInfo") or {}
+    return {}
+
+
+def run_versions(run: Run) -> tuple[dict, list]:
+    """kind -> the versions the run's own commits made, and notes.
+
+    The manifest names each step's version; each is checked against its commit's metadata
+    (`ramplus.run_id`), since a step that merged nothing made no commit and names the
+    version before it. A step an earlier attempt committed has no version in the manifest:
+    then the table's recent history is searched for the run's commits.
+    """
+    steps = (run.manifest.get("tables") or {}).get("steps") or {}
+    out: dict = {k: set() for k in ("tags", "errors")}
+    notes = []
+    search = set()
+    for step, m in steps.items():
+        kind = "tags" if "tags" in step else "errors"
+        v = m.get("version") if isinstance(m, dict) else None
+        if not isinstance(v, int):
+            search.add(kind)
+            continue
+        try:
+            mine = _commit_info(run, kind, v).get("ramplus.run_id") == run.run_id
+        except (OSError, ValueError):
+            mine = False
+        if mine:
+            out[kind].add(v)
+    for kind in sorted(search):
+        try:
+            for h in run.table(kind).history(100):
+                if h.get("ramplus.run_id") == run.run_id and isinstance(h.get("version"), int):
+                    out[kind].add(h["version"])
+        except Exception as e:  # noqa: BLE001 - a report shows what it could not show
+            notes.append(f"could not search the {kind} table's history for the run's commits: {type(e).__name__}")
+    return {k: sorted(v) for k, v in out.items()}, notes
+
+
+def _sql_in(uris: list[str]) -> str:
+    return "uri IN (" + ", ".join("'" + u.replace("'", "''") + "'" for u in uris) + ")"
+
+
+def _cdf(run: Run, kind: str, versions: list[int], columns: list[str], predicate: Optional[str] = None) -> pa.Table:
+    parts = []
+    dt = run.table(kind)
+    for v in versions:
+        parts.append(pa.table(dt.load_cdf(starting_version=v, ending_version=v, columns=columns + ["_change_type"],
+                                          predicate=predicate)))
+    if not parts:
+        return pa.table({c: pa.array([], pa.string()) for c in columns + ["_change_type"]})
+    return pa.concat_tables(parts, promote_options="permissive")
+
+
+def run_changes(run: Run, examples: int = EXAMPLES) -> Changes:
+    """What the run's commits changed, image by image, from the change data feed."""
+    versions, notes = run_versions(run)
+    uris: dict = {}
+    tables: dict = {}
+    try:
+        for kind in ("tags", "errors"):
+            t = _cdf(run, kind, versions[kind], ["uri"])
+            ct = t.column("_change_type").to_pylist()
+            u = t.column("uri").to_pylist()
+            for what, change in (("inserted", "insert"), ("updated", "update_postimage"), ("deleted", "delete")):
+                uris[(kind, what)] = {x for x, c in zip(u, ct) if c == change}
+            tables[kind] = {what: len(uris[(kind, what)]) for what in ("inserted", "updated", "deleted")}
+    except Exception as e:  # noqa: BLE001 - vacuumed change files, a table without the feed
+        notes.append(f"the change data feed of the run's commits cannot be read ({type(e).__name__}: "
+                     f"{str(e).splitlines()[0][:160] if str(e) else ''}); vacuum removes it with the old versions")
+        return Changes(versions, {}, {}, {}, notes)
+    t_ins, t_upd, t_del = uris[("tags", "inserted")], uris[("tags", "updated")], uris[("tags", "deleted")]
+    e_ins, e_upd, e_del = uris[("errors", "inserted")], uris[("errors", "updated")], uris[("errors", "deleted")]
+    cats = {"added": t_ins - e_del, "fixed": t_ins & e_del, "retagged": t_upd, "failed": e_ins - t_del,
+            "broke": e_ins & t_del, "error_again": e_upd, "removed": (t_del - e_ins) | (e_del - t_ins)}
+    images = {k: len(v) for k, v in cats.items()}
+    chosen = {k: sorted(v)[:examples] for k, v in cats.items()}
+    ex: dict = {k: [{"uri": u} for u in v] for k, v in chosen.items()}
+    want = sorted({u for v in chosen.values() for u in v})
+    if want:
+        try:
+            detail_t = _cdf(run, "tags", versions["tags"], ["uri", "tags"], _sql_in(want)).to_pylist()
+            detail_e = _cdf(run, "errors", versions["errors"], ["uri", "error", "stage"], _sql_in(want)).to_pylist()
+            before = {r["uri"]: r["tags"] for r in detail_t if r["_change_type"] in ("update_preimage", "delete")}
+            after = {r["uri"]: r["tags"] for r in detail_t if r["_change_type"] in ("insert", "update_postimage")}
+            err = {r["uri"]: r for r in detail_e if r["_change_type"] in ("insert", "update_postimage")}
+            for k, rows in ex.items():
+                for r in rows:
+                    u = r["uri"]
+                    if u in after:
+                        r["tags"] = list(after[u] or [])
+                    if u in before and k in ("retagged", "broke", "removed"):
+                        r["tags_before"] = list(before[u] or [])
+                    if u in err:
+                        r["error"], r["stage"] = err[u]["error"], err[u]["stage"]
+        except Exception as e:  # noqa: BLE001 - the examples are a courtesy
+            notes.append(f"examples without details: {type(e).__name__}")
+    return Changes(versions, tables, images, ex, notes)
 
 
 def thumbnail(uri: str, storage: Storage, px: int = 192) -> Thumb:
@@ -244,11 +418,52 @@ def _fmt_s(x) -> str:
         return "-"
 
 
+def _changes_html(ch: Changes, cat: Catalog) -> list[str]:
+    out = ["<h2>What this run changed</h2>"]
+    for n in ch.notes:
+        out.append(f'<p class="muted">{_e(n)}</p>')
+    if not ch.tables:
+        return out
+    vs = "; ".join(f"{k} {', '.join(map(str, v)) or 'none'}" for k, v in ch.versions.items())
+    before = cat.images - ch.added + ch.removed
+    out.append(f'<p class="muted">From the change data feed of the run\'s commits (table versions: {_e(vs)}). '
+               f'Images in the catalog: {before} before the run, + {ch.added} added, \u2212 {ch.removed} removed '
+               f'= {cat.images} after it.</p>')
+    out.append('<div class="stats">')
+    for key, label in CATEGORIES:
+        out.append(_stat(label, ch.images.get(key, 0)))
+    out.append("</div>")
+    out.append(_kv([(f"{kind} table", ", ".join(f"{v} {k}" for k, v in t.items())) for kind, t in ch.tables.items()]))
+    rows = []
+    for key, label in CATEGORIES:
+        for r in ch.examples.get(key, []):
+            what = []
+            if "tags_before" in r and "tags" in r:
+                old, new = set(r["tags_before"]), set(r["tags"])
+                gained, lost = sorted(new - old), sorted(old - new)
+                what.append(("+" + ", +".join(gained) if gained else "") + ("; " if gained and lost else "")
+                            + ("\u2212" + ", \u2212".join(lost) if lost else "") or "same tags")
+            elif "tags" in r:
+                what.append(", ".join(r["tags"]) or "no tag over its threshold")
+            elif "tags_before" in r:
+                what.append("had: " + (", ".join(r["tags_before"]) or "no tag"))
+            if r.get("error"):
+                what.append(f"{r.get('stage')}: {r['error']}")
+            rows.append(f'<tr><td class="stage">{_e(label)}</td><td class="u">{_e(r["uri"])}</td>'
+                        f'<td>{_e(" | ".join(what))}</td></tr>')
+    if rows:
+        out.append(f'<table class="errors"><tr><th>change</th><th>image</th><th>tags / error</th></tr>{"".join(rows)}'
+                   f'</table><p class="muted">Up to {EXAMPLES} examples of each kind, by uri.</p>')
+    return out
+
+
 def render(run: Run, rows: list[dict], thumbs: list[Thumb], errors, *, sample_n: int, seed: int,
-           max_errors: int = 500, near: int = 3, top_tags: int = 25) -> str:
+           max_errors: int = 500, near: int = 3, top_tags: int = 25, catalog: Optional[Catalog] = None,
+           changes: Optional[Changes] = None) -> str:
     m = run.manifest
     counts = m.get("counts") or {}
     floor = run.score_floor or 0.0
+    catalog = catalog or catalog_state(run, errors)
     freq = Counter(t for r in rows for t in (r.get("tags") or []))
     on_scores, off_scores = [], []
     for r in rows:
@@ -265,7 +480,21 @@ def render(run: Run, rows: list[dict], thumbs: list[Thumb], errors, *, sample_n:
     out.append(f'<div class="muted">{_e(m.get("status", "?"))} \u00b7 {_e(m.get("started_at", ""))} \u2192 '
                f'{_e(m.get("finished_at", ""))} \u00b7 output {_e(run.output)}</div>')
 
-    out.append("<h2>Run</h2><div class=\"stats\">")
+    out.append("<h2>Catalog after this run</h2>")
+    out.append(f'<p class="muted">The tables as the run left them (tags version {catalog.versions.get("tags")}, '
+               f'errors version {catalog.versions.get("errors")}): every listed image is in exactly one of them, '
+               'including images earlier runs tagged and this one kept.</p><div class="stats">')
+    for label, value in (("images in the catalog", catalog.images), ("with tags", catalog.tagged),
+                         ("with errors", catalog.errors)):
+        out.append(_stat(label, value))
+    out.append("</div>")
+    out.append(_kv([("errors by stage", ", ".join(f"{k}: {v}" for k, v in catalog.errors_by_stage.items()) or "none"),
+                    ("score floor", f"scores kept at or over {floor:g}")]))
+
+    if changes is not None:
+        out.extend(_changes_html(changes, catalog))
+
+    out.append("<h2>This run's work</h2><div class=\"stats\">")
     ips = m.get("images_per_s")
     for label, value in (("listed", counts.get("listed", "-")), ("tagged", counts.get("tagged", "-")),
                          ("errors", counts.get("errors", "-")), ("skipped (not images)", counts.get("skipped", "-")),
@@ -276,12 +505,14 @@ def render(run: Run, rows: list[dict], thumbs: list[Thumb], errors, *, sample_n:
     res = m.get("resources") or {}
     by_stage = counts.get("errors_by_stage") or {}
     timings = m.get("timings_s") or {}
+    inc = counts.get("incremental") or {}
     out.append(_kv([
         ("inputs", ", ".join(m.get("inputs") or [])),
         ("checkpoint", m.get("checkpoint", "-")),
         ("model_id", m.get("model_id", "-")), ("vocab_id", m.get("vocab_id", "-")),
-        ("vocabulary", f"{(m.get('vocabulary') or {}).get('tags', '-')} tags; scores kept at or over {floor:g}"),
-        ("errors by stage", ", ".join(f"{k}: {v}" for k, v in sorted(by_stage.items())) or "none"),
+        ("vocabulary", f"{(m.get('vocabulary') or {}).get('tags', '-')} tags"),
+        ("plan", ", ".join(f"{k} {v}" for k, v in inc.items() if k != "mode") or "-"),
+        ("errors by stage (this run)", ", ".join(f"{k}: {v}" for k, v in sorted(by_stage.items())) or "none"),
         ("invariant", "ok" if (m.get("invariant") or {}).get("ok") else (m.get("invariant") or {}).get("detail", "-")),
         ("resources", f"{res.get('actors', '-')} {res.get('device', '')} actor(s), {res.get('cluster_cpus', '-')} CPUs, "
                       f"{res.get('cluster_gpus', '-')} GPUs on {res.get('nodes', '-')} node(s)"),
@@ -289,10 +520,11 @@ def render(run: Run, rows: list[dict], thumbs: list[Thumb], errors, *, sample_n:
     ]))
 
     shown = len(rows)
-    out.append(f"<h2>Sample: {shown} of {counts.get('tagged', '?')} tagged images</h2>")
-    out.append(f'<p class="muted">Chosen at random with seed {seed} (asked for {sample_n}). Plots and tag counts below '
-               f'are over this sample. Tags per image: mean {np.mean(per_image) if per_image else 0:.1f}, '
-               f'median {np.median(per_image) if per_image else 0:.0f}, max {max(per_image) if per_image else 0}.</p>')
+    out.append(f"<h2>Sample: {shown} of {catalog.tagged} tagged images</h2>")
+    out.append(f'<p class="muted">Chosen at random over the tags table with seed {seed} (asked for {sample_n}). Plots '
+               f'and tag counts below are over this sample. Tags per image: mean '
+               f'{np.mean(per_image) if per_image else 0:.1f}, median {np.median(per_image) if per_image else 0:.0f}, '
+               f'max {max(per_image) if per_image else 0}.</p>')
     out.append('<div class="plots">')
     out.append(svg_bars(freq.most_common(top_tags), f"Most frequent tags (images of {shown})", shown))
     out.append(svg_histogram(np.asarray(on_scores, np.float64), np.asarray(off_scores, np.float64), floor,
@@ -309,7 +541,7 @@ def render(run: Run, rows: list[dict], thumbs: list[Thumb], errors, *, sample_n:
     out.append(f"<h2>Errors: {n_err} image(s) not tagged</h2>")
     if n_err:
         err_rows = sorted(zip(errors.column("stage").to_pylist(), errors.column("uri").to_pylist(),
-                              errors.column("error").to_pylist()))
+                              errors.column("error").to_pylist()), key=lambda x: tuple(v or "" for v in x))
         reasons = Counter((s, (e or "").split(":")[0][:80]) for s, _, e in err_rows)
         out.append(_kv([(f"{s}: {why}", f"{c} image(s)") for (s, why), c in reasons.most_common(12)]))
         out.append('<table class="errors"><tr><th>stage</th><th>image</th><th>reason</th></tr>')
@@ -319,7 +551,7 @@ def render(run: Run, rows: list[dict], thumbs: list[Thumb], errors, *, sample_n:
         if n_err > max_errors:
             out.append(f'<p class="muted">{n_err - max_errors} more error rows not shown.</p>')
     else:
-        out.append('<p class="muted">Every listed image was tagged.</p>')
+        out.append('<p class="muted">Every image in the catalog is tagged.</p>')
     out.append(f'<p class="muted">Generated {_e(datetime.now(timezone.utc).isoformat(timespec="seconds"))} by '
                f'jobs/report.py from {_e(run.output)} (run {_e(run.run_id)}).</p></body></html>')
     return "\n".join(out)
@@ -333,4 +565,6 @@ def build_report(output: str, run_id: Optional[str] = None, *, sample: int = 48,
     rows = sample_rows(run, sample, seed)
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
         thumbs = list(pool.map(lambda r: thumbnail(r["uri"], storage, thumb_px), rows))
-    return render(run, rows, thumbs, read_errors(run), sample_n=sample, seed=seed, max_errors=max_errors)
+    errors = read_errors(run)
+    return render(run, rows, thumbs, errors, sample_n=sample, seed=seed, max_errors=max_errors,
+                  catalog=catalog_state(run, errors), changes=run_changes(run))

@@ -25,7 +25,6 @@ from ..errors import ConfigError
 from ..preprocess import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
-PARTITION_COLUMNS = ("run_date", "shard")
 SECRET_KEYS = ("access_key_id", "secret_access_key", "session_token")
 REDACTED = "***"
 
@@ -162,7 +161,6 @@ class VocabularyConfig:
 
 @dataclass(frozen=True)
 class LayoutConfig:
-    partition_by: tuple[str, ...] = PARTITION_COLUMNS
     shards: int = field(default=8, metadata=_check(_positive))
     rows_per_file: int = field(default=100_000, metadata=_check(_positive))
     compression: str = "zstd"
@@ -174,7 +172,15 @@ class IncrementalConfig:
     retry_stages: tuple[str, ...] = ("list", "fetch", "infer")
     resume: bool = True
     stale_after_s: float = field(default=120.0, metadata=_check(_positive))
-    compact_after: int = field(default=30, metadata=_check(_positive))
+
+
+@dataclass(frozen=True)
+class TableConfig:
+    # a commit that conflicts with another run's is re-run on the new version this often
+    commit_retries: int = field(default=5, metadata=_check(_non_negative))
+    optimize_every: int = field(default=30, metadata=_check(_non_negative))
+    vacuum_retention_hours: Optional[float] = field(default=168.0, metadata=_check(_non_negative))
+    target_file_size: Optional[int] = field(default=None, metadata=_check(_positive))
 
 
 @dataclass(frozen=True)
@@ -206,6 +212,7 @@ class JobConfig:
     vocabulary: VocabularyConfig = VocabularyConfig()
     layout: LayoutConfig = LayoutConfig()
     incremental: IncrementalConfig = IncrementalConfig()
+    table: TableConfig = TableConfig()
     cache: CacheConfig = CacheConfig()
     ray: RayConfig = RayConfig()
 
@@ -432,11 +439,6 @@ def validate(cfg: JobConfig, require_uris: bool = True) -> None:
     for i, ext in enumerate(cfg.listing.extensions):
         if not ext.startswith(".") or len(ext) < 2:
             raise ConfigError(f"listing.extensions[{i}]: {ext!r} must look like '.jpg'")
-    for i, col in enumerate(cfg.layout.partition_by):
-        if col not in PARTITION_COLUMNS:
-            raise ConfigError(f"layout.partition_by[{i}]: {col!r} is not one of {', '.join(PARTITION_COLUMNS)}")
-    if len(set(cfg.layout.partition_by)) != len(cfg.layout.partition_by):
-        raise ConfigError("layout.partition_by: a column appears twice")
     if cfg.layout.compression not in ("zstd", "snappy", "gzip", "lz4", "brotli", "none"):
         raise ConfigError(f"layout.compression: {cfg.layout.compression!r} is not one of zstd, snappy, gzip, lz4, brotli, none")
     if cfg.inference.dtype not in ("fp32", "float32", "bf16", "bfloat16", "fp16", "float16"):

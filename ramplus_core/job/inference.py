@@ -34,23 +34,7 @@ import numpy as np
 import pyarrow as pa
 
 from .reader import PIXEL_BYTES
-
-SCORE_TYPE = pa.struct([("tag", pa.string()), ("score", pa.float32())])
-INFERRED_SCHEMA = pa.schema([
-    ("uri", pa.string()),
-    ("size", pa.int64()),
-    ("etag", pa.string()),
-    ("mtime", pa.timestamp("us", tz="UTC")),
-    ("width", pa.int32()),
-    ("height", pa.int32()),
-    ("tags", pa.list_(pa.string())),
-    ("scores", pa.list_(SCORE_TYPE)),
-    ("error", pa.string()),
-    ("stage", pa.string()),
-    ("version", pa.string()),
-    ("tokens_file", pa.string()),
-    ("tokens_row", pa.int32()),
-])
+from .schemas import INFERRED_SCHEMA, SCORE_TYPE  # noqa: F401 - SCORE_TYPE is imported from here too
 
 
 def shared_memory_location(arr: np.ndarray) -> dict:

@@ -31,17 +31,11 @@ import pyarrow.parquet as pq
 from ..errors import RamPlusError
 from .config import redact_uri, uri_scheme
 from .index import uri_hashes
+from .schemas import LISTING_SCHEMA
 from .storage import Storage, ensure_dir, join, last_line, local_path, to_uri
 
 log = logging.getLogger(__name__)
 
-LISTING_SCHEMA = pa.schema([
-    ("uri", pa.string()),
-    ("size", pa.int64()),
-    ("etag", pa.string()),
-    ("mtime", pa.timestamp("us", tz="UTC")),
-    ("list_error", pa.string()),
-])
 _PAGE = 5000
 
 

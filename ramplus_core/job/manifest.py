@@ -1,24 +1,15 @@
-"""The run manifest and the commit marker: how readers tell finished runs from the rest.
+"""The run manifest: the human-readable record of a run, beside the Delta tables.
 
-Layout under the output URI:
+    _runs/<run_id>.json          written after the run's table commits (status committed)
+    _runs/<run_id>.FAILED.json   a run whose exactly-once check failed: nothing was committed
 
-    tags/<partitions>/part-<run_id>-<task>.parquet     rows of tagged images
-    errors/<partitions>/part-<run_id>-<task>.parquet   rows of images that could not be tagged
-    _runs/<run_id>.json                                the manifest, written after all data
-    _runs/<run_id>._SUCCESS                            the commit marker, written last
-
-Data files of a run appear before its marker (object stores have no multi-file atomic
-rename), so a reader must only use rows whose `run_id` has a `_SUCCESS` marker; a crashed
-or failed run leaves data files without one and is thereby invisible. A run whose
-invariant check fails writes `_runs/<run_id>.FAILED.json` and no marker.
-
-The marker holds the SHA-256 of the manifest bytes, so a reader can tell the manifest it
-reads is the one that was committed.
+No reader needs it to find the current tags: the tables are the truth, and each of their
+commits names its run. The manifest holds what a person asks about a run: counts, timings,
+resources, the table versions it produced (for time travel), the config and versions.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from typing import Optional
@@ -26,7 +17,6 @@ from typing import Optional
 from .storage import Storage, ensure_dir, join
 
 RUNS_DIR = "_runs"
-MARKER_SUFFIX = "._SUCCESS"
 MANIFEST_VERSION = 1
 
 
@@ -77,12 +67,9 @@ def manifest_bytes(manifest: dict) -> bytes:
 
 
 def commit(storage: Storage, output_uri: str, run_id: str, manifest: dict) -> str:
-    """Manifest first, marker second; returns the manifest URI."""
-    data = manifest_bytes(manifest)
+    """Write the committed run's manifest; returns its URI."""
     uri = join(output_uri, RUNS_DIR, f"{run_id}.json")
-    _write(storage, uri, data)
-    marker = {"run_id": run_id, "manifest": f"{run_id}.json", "manifest_sha256": hashlib.sha256(data).hexdigest()}
-    _write(storage, join(output_uri, RUNS_DIR, f"{run_id}{MARKER_SUFFIX}"), json.dumps(marker).encode() + b"\n")
+    _write(storage, uri, manifest_bytes(manifest))
     return uri
 
 
@@ -101,7 +88,7 @@ def clear_failed(storage: Storage, output_uri: str, run_id: str) -> None:
 
 
 def committed_runs(output_uri: str, storage: Optional[Storage] = None) -> list[str]:
-    """Run ids that have a commit marker, oldest first (run ids start with a UTC timestamp)."""
+    """Run ids with a committed manifest, oldest first (run ids start with a UTC timestamp)."""
     import pyarrow.fs as pafs
 
     storage = storage or Storage()
@@ -110,8 +97,9 @@ def committed_runs(output_uri: str, storage: Optional[Storage] = None) -> list[s
         infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
     except FileNotFoundError:
         return []
-    ids = [i.base_name[: -len(MARKER_SUFFIX)] for i in infos if i.base_name.endswith(MARKER_SUFFIX)]
-    return sorted(ids)
+    return sorted(i.base_name[:-len(".json")] for i in infos
+                  if i.base_name.endswith(".json") and not i.base_name.endswith(".FAILED.json")
+                  and not i.base_name.startswith("."))
 
 
 def read_manifest(output_uri: str, run_id: str, storage: Optional[Storage] = None) -> dict:

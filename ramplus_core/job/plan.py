@@ -1,10 +1,10 @@
-"""Which listed images this run works on, and how: the listing joined with the index.
+"""Which listed images this run works on, and how: the listing joined with the tables.
 
-Per listed image, with the newest committed index entry for its URI (mode `missing`):
+Per listed image, with its current row in `tags` or `errors` (mode `missing`):
 
-| entry | same version? | result | work |
+| current row | same version? | result | work |
 | --- | --- | --- | --- |
-| none, or a tombstone | | new | full |
+| none | | new | full |
 | any | no | changed | full |
 | tagged, this model and vocabulary (floor at or under this run's) | yes | skipped | none |
 | error of stage decode | yes | skipped (the same bytes fail the same way) | none |
@@ -12,22 +12,21 @@ Per listed image, with the newest committed index entry for its URI (mode `missi
 | tagged, this model, another vocabulary sharing tags | yes | grown | only the tags it lacks |
 | tagged, another model | yes | retagged | full |
 
-`mode: all` makes every listed image full work. In both modes, entries under the run's
-inputs that the listing no longer has become tombstones (`deleted`); entries under a folder
-the listing could not read are left alone (hidden is not deleted), and so are entries
-outside the inputs (another input set sharing the output).
+`mode: all` makes every listed image full work. In both modes, rows under the run's inputs
+that the listing no longer has are deleted at the commit; rows under a folder the listing
+could not read are left alone (hidden is not deleted), and so are rows outside the inputs
+(another input set sharing the output).
 
-The join is streamed: one listing shard at a time against the index arrays, writing plan
+The join is streamed: one listing shard at a time against the state arrays, writing plan
 shards of work rows (`WORK_SCHEMA`) under the run's staging folder. The driver holds the
-index arrays (~48 bytes per entry) plus one shard; the base rows of grown images (their
-old scores, which are copied) are read file by file from `tags/`.
+state arrays (~40 bytes per image) plus one shard; the old scores of grown images, which
+are copied, are read from the tags table in batches.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from typing import Optional
 
 import numpy as np
@@ -35,34 +34,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .index import DELETED, ERROR, TAGGED, IndexState, uri_hashes, version_hash, version_strings
-from .inference import SCORE_TYPE
+from .index import ERROR, TAGGED, IndexState, uri_hashes, version_hash, version_strings
 from .listing import Fingerprint
+from .schemas import DELETED_SCHEMA, SCORE_TYPE, WORK_SCHEMA
 from .storage import Storage, ensure_dir, join
 
-WORK_SCHEMA = pa.schema([
-    ("uri", pa.string()),
-    ("size", pa.int64()),
-    ("etag", pa.string()),
-    ("mtime", pa.timestamp("us", tz="UTC")),
-    ("list_error", pa.string()),
-    ("version", pa.string()),
-    ("need", pa.string()),          # pixels | tokens | none: what the model needs for this row
-    ("base_key", pa.string()),      # grown rows: which copy rule applies (see plan.keys)
-    ("base_scores", pa.list_(SCORE_TYPE)),
-    ("width", pa.int32()),
-    ("height", pa.int32()),
-    ("tokens_file", pa.string()),
-    ("tokens_row", pa.int32()),
-])
-TOMBSTONE_SCHEMA = pa.schema([
-    ("uri", pa.string()),
-    ("etag", pa.string()),
-    ("version", pa.string()),
-    ("last_run_id", pa.string()),   # the run whose row was the image's current one
-    ("run_id", pa.string()),        # the run that found it gone
-    ("deleted_at", pa.timestamp("us", tz="UTC")),
-])
 CATEGORIES = ("skipped", "new", "changed", "retried", "grown", "retagged")
 _SKIP, _RETRY, _GROW, _RETAG = 0, 1, 2, 3
 
@@ -76,19 +52,23 @@ class Plan:
     skipped_fp: tuple = (0, 0, 0)
     keys: dict = field(default_factory=dict)          # base_key -> {vocab_id, floor, compute: [tag index]}
     need: dict = field(default_factory=dict)          # pixels/tokens/none -> rows
-    tombstones: Optional[dict] = None                 # {path, rows} relative to the output
+    deleted: Optional[dict] = None                    # {path, rows}: DELETED_SCHEMA rows in staging
+    from_errors: int = 0                              # work rows whose current row is an error
+    versions: dict = field(default_factory=dict)      # table -> the version the plan read
     seconds: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         return {"files": self.files, "counts": self.counts, "work": self.work, "work_fp": list(self.work_fp),
                 "skipped_fp": list(self.skipped_fp), "keys": self.keys, "need": self.need,
-                "tombstones": self.tombstones, "seconds": self.seconds}
+                "deleted": self.deleted, "from_errors": self.from_errors, "versions": self.versions,
+                "seconds": self.seconds}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Plan":
         return cls(files=d["files"], counts=d["counts"], work=d["work"], work_fp=tuple(d["work_fp"]),
                    skipped_fp=tuple(d["skipped_fp"]), keys=d["keys"], need=d.get("need", {}),
-                   tombstones=d.get("tombstones"), seconds=d.get("seconds", {}))
+                   deleted=d.get("deleted"), from_errors=d.get("from_errors", 0),
+                   versions=d.get("versions", {}), seconds=d.get("seconds", {}))
 
 
 def _add_fp(fp: tuple, h1: np.ndarray, h2: np.ndarray) -> tuple:
@@ -158,16 +138,16 @@ def _full_rows(t: pa.Table, version: pa.Array, need: np.ndarray, tok_file: list,
 
 def make_plan(*, storage: Storage, output_uri: str, staging: str, listing_files: list[str], state: IndexState,
               mode: str, model_id: str, vocab_id: str, desc: dict, score_floor: float,
-              retry_stages: tuple[str, ...], prefixes: list[str], run_id: str, run_date: str,
-              token_cache: bool, rows_per_file: int, descriptors) -> Plan:
-    """Classify every listed image, write plan shards and the tombstones; see the module docstring.
+              retry_stages: tuple[str, ...], prefixes: list[str], token_cache: bool, rows_per_file: int,
+              descriptors) -> Plan:
+    """Classify every listed image, write plan shards and the deletions; see the module docstring.
 
     `descriptors(vocab_id)` returns the descriptor of a vocabulary applied earlier (or None).
     """
     from .vocab import copyable
 
     t0 = time.perf_counter()
-    plan = Plan(counts={k: 0 for k in CATEGORIES} | {"deleted": 0})
+    plan = Plan(counts={k: 0 for k in CATEGORIES} | {"deleted": 0}, versions=dict(state.versions))
     writer = _PlanWriter(storage, staging, rows_per_file)
     lfs, _ = storage.pyarrow(join(staging, "listing"))
 
@@ -175,12 +155,12 @@ def make_plan(*, storage: Storage, output_uri: str, staging: str, listing_files:
     codes = state.codes
     action = np.full(max(1, len(codes)), _RETAG, dtype=np.int8)
     key_of = np.full(max(1, len(codes)), -1, dtype=np.int32)
-    deleted_code = np.zeros(max(1, len(codes)), dtype=bool)
+    error_code = np.zeros(max(1, len(codes)), dtype=bool)
     model_ok = np.zeros(max(1, len(codes)), dtype=bool)
     key_names: list[str] = []
     floor32 = np.float32(score_floor)
     for i, c in enumerate(codes):
-        deleted_code[i] = c.status == DELETED
+        error_code[i] = c.status == ERROR
         model_ok[i] = c.status == TAGGED and c.model_id == model_id
         if mode == "all":
             action[i] = _RETAG
@@ -220,7 +200,7 @@ def make_plan(*, storage: Storage, output_uri: str, staging: str, listing_files:
         seen[pos[found]] = True
         p = np.where(found, pos, 0)
         code = np.zeros(n, np.int32) if empty else state.code[p]
-        live = found & ~deleted_code[code]
+        live = found
         same = live & (False if empty else state.hv[p] == hv)
         list_err = t.column("list_error").is_valid().to_numpy(zero_copy_only=False)
         if list_err.any():
@@ -250,6 +230,7 @@ def make_plan(*, storage: Storage, output_uri: str, staging: str, listing_files:
             writer.add(_full_rows(t.take(idx), version.take(idx), np.where(tok, "tokens", "pixels")[full],
                                   list(tf[full]), tr[full]))
             plan.work_fp = _add_fp(plan.work_fp, h1[full], h2[full])
+            plan.from_errors += int((full & live & error_code[code]).sum())
         if grow.any():
             g = np.flatnonzero(grow)
             sub = t.take(pa.array(g))
@@ -273,9 +254,8 @@ def make_plan(*, storage: Storage, output_uri: str, staging: str, listing_files:
     writer.flush()
 
     t2 = time.perf_counter()
-    plan.tombstones = _tombstones(storage, output_uri, state, seen, prefixes, list_error_prefixes, run_id,
-                                  run_date, plan)
-    plan.seconds["tombstones"] = round(time.perf_counter() - t2, 3)
+    plan.deleted = _deleted(storage, output_uri, staging, state, seen, prefixes, list_error_prefixes, plan)
+    plan.seconds["deleted"] = round(time.perf_counter() - t2, 3)
     plan.files = writer.files
     plan.need = writer.need
     plan.work = plan.work_fp[0]
@@ -283,31 +263,26 @@ def make_plan(*, storage: Storage, output_uri: str, staging: str, listing_files:
 
 
 def _grown_rows(storage, output_uri, state: IndexState, g: dict, key_names, plan: Plan, writer, token_cache) -> np.ndarray:
-    """Work rows for grown images with their old scores, read file by file from `tags/`.
+    """Work rows for grown images with their old scores, read from the tags table in batches.
 
-    Returns the candidates whose base row could not be read (they become full work).
+    Returns the candidates whose old row could not be found (they become full work).
     """
+    from .table import scan
+
     order = np.lexsort((g["h2"], g["h1"]))
     for k in g:
         g[k] = g[k][order]
     grown = IndexState.of_keys(g["h1"], g["h2"])  # already sorted: its positions are g's
-    files = state.file[g["pos"]]
     emitted = np.zeros(len(order), dtype=bool)
     tok_names = np.asarray(state.tok_files + [None], dtype=object)
     computes = {i: len(plan.keys[k]["compute"]) for i, k in enumerate(key_names)}
-    for f in np.unique(files):
-        if f < 0:
-            continue
-        rel = state.files[f]
-        try:
-            fs, path = storage.pyarrow(join(output_uri, rel))
-            base = pq.read_table(path, filesystem=fs, columns=["uri", "etag", "width", "height", "scores"])
-        except Exception:  # noqa: BLE001 - a missing or unreadable old file: those images get full work
-            continue
+    for batch in scan(storage, output_uri, "tags", ["uri", "etag", "width", "height", "scores"],
+                      state.versions.get("tags")):
+        base = pa.Table.from_batches([batch])
         h1, h2 = uri_hashes(base.column("uri"))
         m = grown.lookup(h1, h2)
         ok = m >= 0
-        ok[ok] = (files[m[ok]] == f) & ~emitted[m[ok]]
+        ok[ok] = ~emitted[m[ok]]
         if not ok.any():
             continue
         rows, cand = np.flatnonzero(ok), m[ok]
@@ -355,34 +330,46 @@ def _fallback_full(lfs, listing_files, h1m, h2m, writer, plan: Plan) -> None:
             plan.work_fp = _add_fp(plan.work_fp, h1[hit], h2[hit])
 
 
-def _tombstones(storage, output_uri, state: IndexState, seen, prefixes, list_error_prefixes, run_id, run_date,
-                plan: Plan) -> Optional[dict]:
-    """Entries under the inputs that were not listed: write `tombstones/` rows for them."""
-    from .manifest import put_bytes
+def _deleted(storage, output_uri, staging, state: IndexState, seen, prefixes, list_error_prefixes,
+             plan: Plan) -> Optional[dict]:
+    """Rows under the inputs that the listing no longer has: `deleted.parquet` in staging.
 
-    if not len(state):
+    A second, narrow read of the tables' uri and shard columns, only when some row was not
+    seen: a night on which nothing was deleted costs no read.
+    """
+    from .table import KINDS, scan
+
+    unseen = ~seen
+    if not len(state) or not unseen.any():
         return None
-    live = np.ones(len(state), dtype=bool)
-    for i, c in enumerate(state.codes):
-        if c.status == DELETED:
-            live &= state.code != i
-    unseen = np.flatnonzero(live & ~seen)
-    if not len(unseen):
+    parts = []
+    for kind in KINDS:
+        for batch in scan(storage, output_uri, kind, ["uri", "shard"], state.versions.get(kind)):
+            h1, h2 = uri_hashes(batch.column("uri"))
+            pos = state.lookup(h1, h2)
+            hit = (pos >= 0) & unseen[np.maximum(pos, 0)]
+            if not hit.any():
+                continue
+            t = pa.Table.from_batches([batch]).filter(pa.array(hit))
+            keep = [in_scope(u, prefixes) and not in_scope(u, list_error_prefixes)
+                    for u in t.column("uri").to_pylist()]
+            t = t.filter(pa.array(keep, pa.bool_()))
+            if t.num_rows:
+                parts.append(t.cast(DELETED_SCHEMA))
+    if not parts:
         return None
-    t = state.rows_at(storage, unseen, ["uri", "etag", "version", "run_id", "size", "mtime"])
-    keep = [in_scope(u, prefixes) and not in_scope(u, list_error_prefixes) for u in t.column("uri").to_pylist()]
-    t = t.filter(pa.array(keep, pa.bool_()))
-    if not t.num_rows:
-        return None
-    now = datetime.now(timezone.utc)
-    tomb = pa.table({
-        "uri": t.column("uri"), "etag": t.column("etag"), "version": t.column("version"),
-        "last_run_id": t.column("run_id"), "run_id": pa.array([run_id] * t.num_rows, pa.string()),
-        "deleted_at": pa.array([now] * t.num_rows, pa.timestamp("us", tz="UTC")),
-    }, schema=TOMBSTONE_SCHEMA).sort_by("uri")
-    rel = f"tombstones/run_date={run_date}/part-{run_id}.parquet"
-    sink = pa.BufferOutputStream()
-    pq.write_table(tomb, sink, compression="zstd")
-    put_bytes(storage, join(output_uri, rel), sink.getvalue().to_pybytes())
-    plan.counts["deleted"] = tomb.num_rows
-    return {"path": rel, "rows": tomb.num_rows}
+    gone = pa.concat_tables(parts).sort_by("uri")
+    gone = gone.filter(pc.invert(_repeats(gone.column("uri"))))  # briefly in both tables: once
+    fs, root = storage.pyarrow(staging)
+    ensure_dir(fs, root)
+    pq.write_table(gone, f"{root}/deleted.parquet", filesystem=fs, compression="zstd")
+    plan.counts["deleted"] = gone.num_rows
+    return {"path": f"{root}/deleted.parquet", "rows": gone.num_rows}
+
+
+def _repeats(sorted_uris) -> pa.Array:
+    u = sorted_uris.to_numpy(zero_copy_only=False)
+    rep = np.zeros(len(u), dtype=bool)
+    if len(u) > 1:
+        rep[1:] = u[1:] == u[:-1]
+    return pa.array(rep)

@@ -119,7 +119,7 @@ def summary_table(m: dict) -> str:
             ("mode", inc.get("mode", "")),
             ("already done (skipped)", inc.get("skipped", 0)),
             ("work", ", ".join(f"{k} {inc.get(k, 0)}" for k in ("new", "changed", "retried", "grown", "retagged"))),
-            ("deleted (tombstones)", inc.get("deleted", 0)),
+            ("deleted (gone from the store)", inc.get("deleted", 0)),
         ]
     if m.get("resume", {}).get("attempt", 1) > 1:
         r = m["resume"]
@@ -128,19 +128,21 @@ def summary_table(m: dict) -> str:
     if w_:
         rows.append(("model work", ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in w_.items())))
     rows += [
-        ("invariant", "ok: every listed image is already done or in exactly one of this run's tags/ or errors/ rows"
+        ("invariant", "ok: every listed image is already done or in exactly one of this run's staged rows"
          if m["invariant"]["ok"] else f"VIOLATED: {m['invariant']['detail']}"),
         ("images/s", f"{m['images_per_s']:.2f} over the pipeline, {m.get('steady_images_per_s', 0):.2f} "
                      "first to last batch"),
         ("time: total", f"{t['total']:.1f}s"),
         ("time: checkpoint", f"{t.get('checkpoint', 0):.1f}s"),
         ("time: listing", f"{t.get('listing', 0):.1f}s"),
-        ("time: plan (index join)", f"{t.get('plan', 0):.1f}s"),
+        ("time: plan (table join)", f"{t.get('plan', 0):.1f}s"),
         ("time: pipeline", f"{t.get('pipeline', 0):.1f}s"),
         ("time: verify", f"{t.get('verify', 0):.1f}s"),
+        ("time: commit", f"{t.get('commit', 0):.1f}s"),
         ("actors", f"{len(m.get('actors', []))} x {m['resources'].get('device', '-')}" if m.get("resources")
          else "none (no model work)"),
-        ("files", f"{len(m['files']['tags'])} tags, {len(m['files']['errors'])} errors"),
+        ("tables", ", ".join(f"{k} v{v}" for k, v in (m.get("tables") or {}).get("versions", {}).items())
+         or "not committed"),
         ("output", m["output"]),
     ]
     w = max(len(k) for k, _ in rows)

@@ -5,20 +5,20 @@
     _staging/<run_id>/heartbeat.json      rewritten while a driver runs it
     _staging/<run_id>/listing/, listing.json   the listing, once complete
     _staging/<run_id>/plan/, plan.json    the work after the index join, once complete
-    _staging/<run_id>/done/NN-TTTTT.parquet    a receipt per finished write task (index rows)
+    _staging/<run_id>/done/NN-TTTTT.parquet    a finished write task's rows (writer.py)
+    _staging/<run_id>/deleted.parquet      images the listing no longer has (with the plan)
 
 Every step writes its marker (`listing.json`, `plan.json`, a receipt) only after the data
 it vouches for is complete, so a driver killed at any point leaves either a finished step
-or one to redo. A receipt lists the rows a write task put into `tags/` and `errors/` and
-the files it wrote them to; a resumed attempt skips those rows and the final manifest
-lists the files of every attempt. Data files that no receipt vouches for (a task killed
-between its data and its receipt) are deleted before the commit, so they can never add a
-second row for an image, even for readers that glob folders.
+or one to redo. A write task's staged file is its rows and its receipt at once: a resumed
+attempt skips those rows, and the commit merges the files of every attempt. Nothing in
+staging is ever read by the tables' readers; a run killed during its commit finds, on
+resume, which of its table commits landed (table.py) and makes only the others.
 
 Which run to resume: started again with the same settings (`--run-id` unset), the job
 resumes the newest uncommitted run whose resume key matches (the settings that decide what
 is written: inputs, output, model, vocabulary, mode, decode limits, dtype, score floor,
-layout; not batch sizes, actors or retries), once its driver is gone: the same host and a
+shards; not batch sizes, actors or retries), once its driver is gone: the same host and a
 dead pid, or a heartbeat older than `incremental.stale_after_s`. A run whose driver still
 lives is refused rather than joined.
 """
@@ -55,7 +55,7 @@ _KEY_FIELDS = {
     "listing": ("extensions",),
     "decode": ("max_bytes", "max_pixels", "jpeg_draft"),
     "inference": ("dtype", "score_floor"),
-    "layout": ("partition_by", "shards", "compression"),
+    "layout": ("shards",),
     "cache": ("image_tokens", "token_dtype"),
     "incremental": ("retry_stages",),
 }

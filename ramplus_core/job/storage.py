@@ -305,7 +305,7 @@ def _s3_sync(fs, method: str, **kwargs):
     from fsspec.asyn import sync
 
     async def call():
-        client = await fs.get_s3()
+        client = await fs.set_session()  # the client, created on first use
         return await getattr(client, method)(**kwargs)
 
     return sync(fs.loop, call)

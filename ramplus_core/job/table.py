@@ -45,6 +45,14 @@ class LegacyLayout(ConfigError):
     """An output written by ramplus before the Delta tables."""
 
 
+# delta-rs retries 10 times within ~3 s by default: a store that restarts (a rolling upgrade,
+# a MinIO failover) takes longer than that, and a failed read of the log fails the whole run.
+# These ride out up to three minutes of outage (the backoff is jittered, so the retry count
+# is set high and the time bound is what holds).
+RETRY_OPTIONS = {"max_retries": "100", "retry_timeout": "180s", "backoff_config.init_backoff": "200ms",
+                 "backoff_config.max_backoff": "10s", "backoff_config.base": "2"}
+
+
 def table_uri(output: str, kind: str) -> str:
     if uri_scheme(output) == "file":
         return local_path(join(output, kind))
@@ -56,7 +64,7 @@ def delta_options(storage: Storage, output: str) -> dict:
     """delta-rs storage options from our storage settings (never logged: they hold keys)."""
     if uri_scheme(output) not in ("s3", "s3a"):
         return {}
-    opts = {"AWS_REGION": storage.region or os.environ.get("AWS_REGION") or "us-east-1"}
+    opts = {"AWS_REGION": storage.region or os.environ.get("AWS_REGION") or "us-east-1", **RETRY_OPTIONS}
     if storage.endpoint_url:
         opts["AWS_ENDPOINT_URL"] = storage.endpoint_url
         if urlparse(storage.endpoint_url).scheme == "http":
@@ -79,11 +87,17 @@ def open_table(storage: Storage, output: str, kind: str, version: Optional[int] 
     return DeltaTable(uri, version=version, storage_options=opts)
 
 
-def ensure_tables(storage: Storage, output: str) -> dict[str, int]:
-    """Create missing tables (empty, partitioned by shard, change feed on); their versions."""
+def ensure_tables(storage: Storage, output: str, shards: int = 8, migrating: bool = False) -> dict:
+    """Create missing tables (empty, partitioned by shard, change feed on).
+
+    Returns {"tags": version, "errors": version, "shards": n}. The shard count is fixed
+    when the tables are created (it is in the merge key: a changed count would let an image
+    get a second row), so an existing table's count wins over `layout.shards`.
+    """
     from deltalake import DeltaTable
 
-    refuse_legacy(storage, output)
+    if not migrating:
+        refuse_legacy(storage, output)
     out = {}
     for kind in KINDS:
         dt = open_table(storage, output, kind)
@@ -91,6 +105,7 @@ def ensure_tables(storage: Storage, output: str) -> dict[str, int]:
             try:
                 dt = DeltaTable.create(table_uri(output, kind), schema=TABLE_SCHEMAS[kind], mode="ignore",
                                        partition_by=PARTITION, name=f"ramplus_{kind}",
+                                       description=json.dumps({"ramplus_shards": shards}),
                                        configuration={"delta.enableChangeDataFeed": "true"},
                                        storage_options=delta_options(storage, output))
             except Exception:  # noqa: BLE001 - another run created it first
@@ -99,7 +114,15 @@ def ensure_tables(storage: Storage, output: str) -> dict[str, int]:
                     raise
         _check_schema(dt, kind)
         out[kind] = dt.version()
+        out.setdefault("shards", table_shards(dt, shards))
     return out
+
+
+def table_shards(dt, default: int) -> int:
+    try:
+        return int(json.loads(dt.metadata().description or "{}").get("ramplus_shards", default))
+    except (ValueError, TypeError, AttributeError):
+        return default
 
 
 def _check_schema(dt, kind: str) -> None:
@@ -168,9 +191,12 @@ def _merge(storage: Storage, output: str, kind: str, run_id: str, step: str, sou
         if upsert:
             sets = {c: f"s.{c}" for c in cols}
             m = m.when_matched_update(sets).when_not_matched_insert(sets, predicate="NOT s._delete")
+        before = dt.version()
         try:
             out = m.execute()
-            out["version"] = open_table(storage, output, kind).version()
+            # dt moved to this commit's version (a reopen could see a later run's); a merge with
+            # nothing to change commits nothing and leaves it where it was
+            out["version"] = dt.version() if dt.version() != before else None
             out["attempts"] = attempt + 1
             return out
         except CommitFailedError:
@@ -213,12 +239,12 @@ def commit_run(storage: Storage, output: str, run_id: str, *, results, deleted, 
         return lambda: _reader(out_schema, parts())
 
     out = {}
-    out["errors"] = _merge(storage, output, "errors", run_id, "1-errors", src("errors", True, False, True),
+    out["1-errors"] = _merge(storage, output, "errors", run_id, "1-errors", src("errors", True, False, True),
                            upsert=True, metadata=metadata, retries=retries)
-    out["tags"] = _merge(storage, output, "tags", run_id, "2-tags", src("tags", False, True, True),
+    out["2-tags"] = _merge(storage, output, "tags", run_id, "2-tags", src("tags", False, True, True),
                          upsert=True, metadata=metadata, retries=retries)
     if errors_to_tags:
-        out["errors_cleanup"] = _merge(storage, output, "errors", run_id, "3-errors",
+        out["3-errors"] = _merge(storage, output, "errors", run_id, "3-errors",
                                        src("errors", True, True, False), upsert=False, metadata=metadata,
                                        retries=retries)
     return out

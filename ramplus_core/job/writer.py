@@ -1,28 +1,26 @@
-"""Writing tags/ and errors/ in one pass, as Hive-partitioned Parquet of a sensible size.
+"""The end of the pipeline: each write task stages its rows, the driver commits them later.
 
-Why a Datasink and not `write_parquet` twice: tags and errors come out of the same stream
-with different schemas. Writing them with `write_parquet` would need the whole result
-materialised (or the pipeline run twice), or one mixed schema full of nulls. A datasink
-sees each write task's rows once and sends each row to its table.
+A write task does not touch the tables. It writes its rows (tagged and error rows alike,
+RESULT_SCHEMA) as one Parquet object under the run's staging folder:
 
-File size: Ray Data bundles at least `layout.rows_per_file` rows into one write task
-(`min_rows_per_write`), so a file holds about rows_per_file / shards rows instead of one
-inference batch. File names carry the run id, the attempt (a resumed run's second start is
-attempt 02) and the write task index, so a retried task overwrites its own files instead
-of adding duplicates, a resumed attempt never overwrites files an earlier one vouched for,
-and readers can tell runs apart.
+    _staging/<run_id>/done/<attempt>-<task>.parquet
 
-After its data files, each task writes a receipt under the run's staging folder: one index
-row per image (uri, version, status, the file holding its row, cached tokens). The receipt
-is what makes the task's work count: a resumed run skips the images of every receipt, the
-manifest lists the files of every receipt, and the index delta written at the commit is
-the receipts' rows. A task killed before its receipt leaves files nobody vouches for; the
-runner deletes them before it commits.
+That object is both the data and the receipt: it appears whole (one PUT, or a rename
+locally) or not at all, so a task killed half-way leaves nothing. A resumed run skips the
+images of every staged file, the exactly-once check reads them all, and the commit merges
+them into the tables in one transaction per table. Names carry the attempt (a resumed
+run's second start is 02) and the task index, so a retried task overwrites its own file
+and never an earlier attempt's.
+
+Why a Datasink: tags and errors come out of one stream; the datasink sees each write
+task's rows once, and `min_rows_per_write` gathers about `layout.rows_per_file` rows per
+file instead of one small file per inference batch.
 """
 
 from __future__ import annotations
 
 import zlib
+from datetime import datetime, timezone
 from typing import Iterable, Optional
 
 import numpy as np
@@ -31,151 +29,71 @@ import pyarrow.parquet as pq
 from ray.data import Datasink
 from ray.data.block import Block, BlockAccessor
 
-from .index import INDEX_SCHEMA
-from .inference import SCORE_TYPE
 from .manifest import put_bytes
+from .schemas import RESULT_SCHEMA, TS
 from .storage import Storage, join
-
-TAGS_SCHEMA = pa.schema([
-    ("uri", pa.string()),
-    ("size", pa.int64()),
-    ("etag", pa.string()),
-    ("mtime", pa.timestamp("us", tz="UTC")),
-    ("width", pa.int32()),
-    ("height", pa.int32()),
-    ("tags", pa.list_(pa.string())),
-    ("scores", pa.list_(SCORE_TYPE)),
-    ("model_id", pa.string()),
-    ("vocab_id", pa.string()),
-    ("run_id", pa.string()),
-])
-ERRORS_SCHEMA = pa.schema([
-    ("uri", pa.string()),
-    ("error", pa.string()),
-    ("stage", pa.string()),
-    ("run_id", pa.string()),
-])
-
-
-def file_prefix(run_id: str) -> str:
-    """Data files of a run are named `part-<run_id>-<attempt>-<task>.parquet`."""
-    return f"part-{run_id}-"
 
 
 def shard_of(uris, shards: int) -> np.ndarray:
     """CRC-32 of the UTF-8 URI modulo `shards`: stable across runs, machines and languages."""
-    return np.fromiter((zlib.crc32(u.encode("utf-8")) % shards for u in uris), dtype=np.int32, count=len(uris))
+    return np.fromiter((zlib.crc32(u.encode("utf-8", "surrogateescape")) % shards for u in uris), dtype=np.int32,
+                       count=len(uris))
 
 
-class TagsDatasink(Datasink):
-    def __init__(self, output_uri: str, storage: Storage, *, run_id: str, run_date: str, model_id: str,
-                 vocab_id: str, partition_by: tuple[str, ...], shards: int, rows_per_file: int,
-                 compression: str, staging: Optional[str] = None, attempt: int = 1, score_floor: float = 0.0):
-        self.output_uri = output_uri
-        self.storage = storage
-        self.run_id, self.run_date = run_id, run_date
-        self.model_id, self.vocab_id = model_id, vocab_id
-        self.staging, self.attempt, self.score_floor = staging, attempt, score_floor
-        self.partition_by = tuple(partition_by)
+def staged_name(attempt: int, task_idx: int) -> str:
+    return f"done/{attempt:02d}-{task_idx:05d}.parquet"
+
+
+class ResultsSink(Datasink):
+    def __init__(self, storage: Storage, staging: str, *, run_id: str, attempt: int, model_id: str,
+                 vocab_id: str, score_floor: float, shards: int, compression: str = "zstd"):
+        self.storage, self.staging = storage, staging
+        self.run_id, self.attempt = run_id, attempt
+        self.model_id, self.vocab_id, self.score_floor = model_id, vocab_id, score_floor
         self.shards = shards
-        self.rows_per_file = rows_per_file
         self.compression = None if compression == "none" else compression
-        self.shard_width = max(2, len(str(shards - 1)))
-        self.written: list[dict] = []
+        self.rows_per_file: Optional[int] = None
 
     @property
     def min_rows_per_write(self) -> Optional[int]:
         return self.rows_per_file
 
     def get_name(self) -> str:
-        return "WriteTagsAndErrors"
+        return "StageResults"
+
+    def result_rows(self, table: pa.Table) -> pa.Table:
+        """INFERRED rows -> RESULT_SCHEMA: the run's columns added, sorted by uri."""
+        n = table.num_rows
+        now = datetime.now(timezone.utc)
+        is_err = table.column("error").is_valid()
+
+        def const(v, typ):
+            return pa.array([v] * n, typ)
+
+        cols = {f.name: table.column(f.name) for f in RESULT_SCHEMA if f.name in table.column_names}
+        cols["shard"] = pa.array(shard_of(table.column("uri").to_pylist(), self.shards), pa.int32())
+        cols["model_id"] = const(self.model_id, pa.string())
+        cols["vocab_id"] = pa.compute.if_else(is_err, pa.scalar(None, pa.string()), self.vocab_id)
+        cols["score_floor"] = pa.compute.if_else(is_err, pa.scalar(None, pa.float32()),
+                                                 pa.scalar(self.score_floor, pa.float32()))
+        cols["run_id"] = const(self.run_id, pa.string())
+        ts = pa.scalar(now, TS)
+        cols["tagged_at"] = pa.compute.if_else(is_err, pa.scalar(None, TS), ts)
+        cols["failed_at"] = pa.compute.if_else(is_err, ts, pa.scalar(None, TS))
+        for f in RESULT_SCHEMA:
+            if f.name not in cols:
+                cols[f.name] = pa.nulls(n, f.type)
+        return pa.table([cols[f.name] for f in RESULT_SCHEMA], schema=RESULT_SCHEMA).sort_by("uri")
 
     def write(self, blocks: Iterable[Block], ctx) -> list[dict]:
         tables = [BlockAccessor.for_block(b).to_arrow() for b in blocks]
         tables = [t for t in tables if t.num_rows]
         if not tables:
             return []
-        table = pa.concat_tables(tables, promote_options="default")
-        is_err = table.column("error").is_valid().to_numpy(zero_copy_only=False)
-        files = []
-        receipts = []
-        tags = table.filter(pa.array(~is_err))
-        if tags.num_rows:
-            n = tags.num_rows
-            rows = tags
-            tags = tags.select(["uri", "size", "etag", "mtime", "width", "height", "tags", "scores"])
-            tags = tags.append_column("model_id", pa.array([self.model_id] * n, pa.string()))
-            tags = tags.append_column("vocab_id", pa.array([self.vocab_id] * n, pa.string()))
-            tags = tags.append_column("run_id", pa.array([self.run_id] * n, pa.string()))
-            written, where = self._write_partitioned("tags", tags.cast(TAGS_SCHEMA), ctx.task_idx)
-            files += written
-            receipts.append(self._receipt(rows, "tagged", where))
-        errs = table.filter(pa.array(is_err))
-        if errs.num_rows:
-            n = errs.num_rows
-            rows = errs
-            errs = errs.select(["uri", "error", "stage"]).append_column(
-                "run_id", pa.array([self.run_id] * n, pa.string()))
-            written, where = self._write_partitioned("errors", errs.cast(ERRORS_SCHEMA), ctx.task_idx)
-            files += written
-            receipts.append(self._receipt(rows, "error", where))
-        if self.staging is not None:
-            sink = pa.BufferOutputStream()
-            pq.write_table(pa.concat_tables(receipts), sink, compression="zstd")
-            put_bytes(self.storage, join(self.staging, "done", f"{self.attempt:02d}-{ctx.task_idx:05d}.parquet"),
-                      sink.getvalue().to_pybytes())
-        return files
-
-    def _receipt(self, rows: pa.Table, status: str, where: dict) -> pa.Table:
-        """Index rows for a task's rows of one kind; `where` maps uri -> the file it went to."""
-        n = rows.num_rows
-        uris = rows.column("uri").to_pylist()
-
-        def col(name, typ):
-            return rows.column(name) if name in rows.column_names else pa.nulls(n, typ)
-
-        ok = status == "tagged"
-        return pa.table({
-            "uri": rows.column("uri"), "version": col("version", pa.string()), "etag": col("etag", pa.string()),
-            "size": col("size", pa.int64()), "mtime": col("mtime", pa.timestamp("us", tz="UTC")),
-            "status": pa.array([status] * n, pa.string()),
-            "stage": pa.nulls(n, pa.string()) if ok else rows.column("stage"),
-            "model_id": pa.array([self.model_id] * n, pa.string()),
-            "vocab_id": pa.array([self.vocab_id] * n, pa.string()),
-            "score_floor": pa.array([self.score_floor] * n, pa.float32()),
-            "run_id": pa.array([self.run_id] * n, pa.string()),
-            "file": pa.array([where[u] for u in uris], pa.string()),
-            "tokens_file": col("tokens_file", pa.string()) if ok else pa.nulls(n, pa.string()),
-            "tokens_row": col("tokens_row", pa.int32()) if ok else pa.nulls(n, pa.int32()),
-        }).cast(INDEX_SCHEMA)
-
-    def _write_partitioned(self, kind: str, table: pa.Table, task_idx: int) -> tuple[list[dict], dict]:
-        fs, root = self.storage.pyarrow(join(self.output_uri, kind))
-        shards = shard_of(table.column("uri").to_pylist(), self.shards) if "shard" in self.partition_by else None
-        groups: dict[tuple, np.ndarray] = {}
-        if shards is None:
-            groups[()] = np.arange(table.num_rows)
-        else:
-            for s in np.unique(shards):
-                groups[(int(s),)] = np.flatnonzero(shards == s)
-        out = []
-        where: dict = {}
-        for key, idx in sorted(groups.items()):
-            shard = key[0] if key else None
-            dirs = []
-            for col in self.partition_by:
-                dirs.append(f"run_date={self.run_date}" if col == "run_date" else f"shard={shard:0{self.shard_width}d}")
-            folder = "/".join([root] + dirs)
-            path = f"{folder}/{file_prefix(self.run_id)}{self.attempt:02d}-{task_idx:05d}.parquet"
-            part = table.take(pa.array(idx)).sort_by("uri")  # sorted: min/max stats prune uri lookups
-            buf = pa.BufferOutputStream()
-            pq.write_table(part, buf, compression=self.compression)
-            data = buf.getvalue()
-            rel = path[len(root) - len(kind):]
-            put_bytes(self.storage, join(self.output_uri, rel), data.to_pybytes())  # one PUT; atomic locally
-            out.append({"kind": kind, "path": rel, "rows": part.num_rows, "bytes": data.size})
-            where.update(dict.fromkeys(part.column("uri").to_pylist(), rel))
-        return out, where
-
-    def on_write_complete(self, write_result) -> None:
-        self.written = [f for task in write_result.write_returns for f in (task or [])]
+        rows = self.result_rows(pa.concat_tables(tables, promote_options="default"))
+        buf = pa.BufferOutputStream()
+        pq.write_table(rows, buf, compression=self.compression)
+        name = staged_name(self.attempt, ctx.task_idx)
+        put_bytes(self.storage, join(self.staging, name), buf.getvalue().to_pybytes())
+        tagged = rows.column("error").null_count
+        return [{"path": name, "rows": rows.num_rows, "tagged": tagged, "errors": rows.num_rows - tagged}]

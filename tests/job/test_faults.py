@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow.dataset as pads
 import pytest
 from PIL import Image
 
@@ -27,7 +26,8 @@ from ramplus_core.job.config import FetchConfig
 from ramplus_core.job.reader import fetch_bytes, fetch_decode
 from ramplus_core.job.storage import Storage
 
-from .conftest import BUCKET, CHECKPOINT, WeedProcess, free_ports, job_config, proc_stats, run_tag_bucket
+from .conftest import (BUCKET, CHECKPOINT, WeedProcess, free_ports, job_config, proc_stats, run_tag_bucket,
+                       table_rows)
 
 KEY, SECRET = "fault-key", "fault-secret-not-logged"
 
@@ -43,18 +43,11 @@ def small_jpegs(n: int, seed: int = 0) -> dict[str, bytes]:
 
 
 def rows_of_run(output: str, storage: Storage, run_id: str) -> tuple[list, list]:
-    """(uris in tags/, (uri, stage, error) in errors/) of one run, as a reader sees them."""
-    fs, root = storage.pyarrow(output)
-    found = []
-    for kind, cols in (("tags", ["uri"]), ("errors", ["uri", "stage", "error"])):
-        try:
-            ds = pads.dataset(f"{root}/{kind}", filesystem=fs, format="parquet", partitioning="hive")
-        except (FileNotFoundError, OSError):
-            found.append([])
-            continue
-        t = ds.to_table(columns=cols, filter=pads.field("run_id") == run_id)
-        found.append(t.to_pylist())
-    return [r["uri"] for r in found[0]], found[1]
+    """(uris in tags, (uri, stage, error) in errors) of one run, as a reader of the tables sees them."""
+    tags = table_rows(output, "tags", storage, ["uri", "run_id"]).to_pylist()
+    errors = table_rows(output, "errors", storage, ["uri", "stage", "error", "run_id"]).to_pylist()
+    return ([r["uri"] for r in tags if r["run_id"] == run_id],
+            [{k: r[k] for k in ("uri", "stage", "error")} for r in errors if r["run_id"] == run_id])
 
 
 def assert_each_exactly_once(listed: set, tags: list, errors: list) -> None:
@@ -164,14 +157,12 @@ def test_s3_server_down_mid_run(ray_local, own_s3, tmp_path):
     def outage(why: str, seconds: float) -> None:
         weed.kill()
         outages.append((why, seconds))
-        timer = threading.Timer(seconds, weed.start)
-        timer.daemon = True
-        timer.start()
+        weed.restart_later(seconds)
 
     def emit(line: str) -> None:
         if line.startswith("listed ") and not outages:
             outage("after listing", 10.0)
-        elif line.startswith("progress: ") and len(outages) == 1 and weed.proc.poll() is None:
+        elif line.startswith("progress: ") and len(outages) == 1 and weed.is_up():
             done = int(line.split()[1].split("/")[0])
             if 0 < done < len(images):
                 outage("mid-pipeline", 5.0)
@@ -180,7 +171,7 @@ def test_s3_server_down_mid_run(ray_local, own_s3, tmp_path):
     try:
         result = run(cfg, emit=emit)
     except JobFailed as e:  # loud is allowed; silent is not: the FAILED manifest says why
-        assert weed.proc.poll() is None
+        assert weed.is_up()
         assert fs.exists(f"{BUCKET}/out/_runs/") and e.manifest_uri
         pytest.fail(f"the run failed loudly instead of riding out {outages}: {e}")
     elapsed = time.time() - t0
@@ -272,10 +263,10 @@ def test_s3_down_during_listing_fails_loudly_then_resumes(own_s3, tmp_path):
         if line.startswith("run ") and weed.proc.poll() is None:
             weed.kill()  # after the checks and the checkpoint, just before listing starts
 
-    with pytest.raises(JobFailed, match=r"listing s3://.*/listed/ failed .*nothing was written.*Start the job again") as e:
+    with pytest.raises(JobFailed, match=r"listing s3://.*/listed/ failed .*nothing was committed.*Start the job again") as e:
         run(cfg, emit=emit)
     assert "Traceback" not in str(e.value) and SECRET not in str(e.value)
-    assert not list(out.glob("_runs/*._SUCCESS")) and not (out / "tags").exists()
+    assert not list(out.glob("_runs/*.json")) and table_rows(out, "tags").num_rows == 0
 
     weed.start()
     result = run(cfg, emit=lambda s: None)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import shutil
 
 import numpy as np
-import pyarrow.dataset as pads
 import pytest
 import torch
 import yaml
@@ -16,7 +15,7 @@ from ramplus_core.job.vocab import build_vocabulary
 from ramplus_core.job.config import DecodeConfig
 from ramplus_core.preprocess import decode, normalize
 
-from .conftest import CHECKPOINT, GOLDEN, job_config
+from .conftest import CHECKPOINT, GOLDEN, job_config, table_rows
 from .test_incremental import tiny_jpeg
 
 
@@ -31,10 +30,10 @@ def vocab_file(tmp_path, name: str, builtin, tags: list[dict]) -> str:
     return str(p)
 
 
-def rows_of(out, run_id: str) -> dict:
-    ds = pads.dataset(str(out / "tags"), format="parquet", partitioning="hive")
-    t = ds.to_table(filter=pads.field("run_id") == run_id)
-    return {r["uri"]: r for r in t.to_pylist()}
+def rows_of(out, m: dict) -> dict:
+    """The tags rows a run wrote, read at the table version it committed (time travel)."""
+    t = table_rows(out, "tags", version=m["tables"]["versions"]["tags"])
+    return {r["uri"]: r for r in t.to_pylist() if r["run_id"] == m["run_id"]}
 
 
 def scores(row) -> dict:
@@ -71,7 +70,7 @@ def test_added_tags_cost_only_the_delta_and_old_scores_are_copied(ray_local, tmp
     w = m2["model_work"]
     assert (w["backbone_images"], w["token_reads"], w["head_tag_scores"]) == (0, n, 3 * n), \
         "only the 3 new tags ran, on cached tokens: no fetch, no decode, no backbone"
-    old, new = rows_of(out, m1["run_id"]), rows_of(out, m2["run_id"])
+    old, new = rows_of(out, m1), rows_of(out, m2)
     assert set(old) == set(new)
     assert w["copied_scores"] == sum(len(r["scores"]) for r in old.values())
 
@@ -104,7 +103,7 @@ def test_added_tags_cost_only_the_delta_and_old_scores_are_copied(ray_local, tmp
     m3 = go(vocab_file(tmp_path, "changed.yaml", keep, changed))
     w = m3["model_work"]
     assert (w["backbone_images"], w["token_reads"], w["head_tag_scores"]) == (0, n, n)
-    latest = rows_of(out, m3["run_id"])
+    latest = rows_of(out, m3)
     for uri, row in latest.items():
         got, before = scores(row), scores(new[uri])
         assert set(got) <= set(keep) | {"house style", "brand logo", "team event"}
@@ -118,7 +117,7 @@ def test_added_tags_cost_only_the_delta_and_old_scores_are_copied(ray_local, tmp
     w = m4["model_work"]
     assert (w["backbone_images"], w["token_reads"], w["head_tag_scores"]) == (0, 0, 0)
     assert m4["counts"]["inputs_needed"] == {"none": n}
-    for uri, row in rows_of(out, m4["run_id"]).items():
+    for uri, row in rows_of(out, m4).items():
         got = scores(row)
         assert got == scores(latest[uri])
         assert row["tags"] == [t for t, s in got.items() if s > np.float32(0.55)]

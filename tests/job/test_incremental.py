@@ -1,4 +1,4 @@
-"""Nightly runs over a real S3 server: only new work, tombstones for what is gone, a current view."""
+"""Nightly runs over a real S3 server: only new work, deletions for what is gone, the tables as the current view."""
 
 from __future__ import annotations
 
@@ -7,15 +7,15 @@ import json
 import os
 
 import numpy as np
-import pyarrow.dataset as pads
-import pyarrow.parquet as pq
+import pyarrow as pa
 import pytest
 from PIL import Image
 
-from ramplus_core.job import committed_runs, load_config, run
+from ramplus_core.job import load_config, run
+from ramplus_core.job import table as tb
 from ramplus_core.job.storage import Storage
 
-from .conftest import CHECKPOINT, GOLDEN, job_config, run_tag_bucket
+from .conftest import CHECKPOINT, GOLDEN, job_config, run_tag_bucket, table_rows
 
 
 def tiny_jpeg(seed: int) -> bytes:
@@ -26,14 +26,13 @@ def tiny_jpeg(seed: int) -> bytes:
 
 
 def current_view(output: str, storage: Storage) -> dict:
-    """uri -> (status, run_id): the newest committed index event per image, as docs/job.md reads it."""
-    fs, root = storage.pyarrow(output)
-    runs = set(committed_runs(output, storage))
-    t = pads.dataset(f"{root}/_index", filesystem=fs, format="parquet").to_table(columns=["uri", "run_id", "status"])
+    """uri -> (table, run_id) over both tables' current rows; an image twice would be a bug."""
     cur: dict = {}
-    for r in t.to_pylist():
-        if r["run_id"] in runs and (r["uri"] not in cur or r["run_id"] > cur[r["uri"]][1]):
-            cur[r["uri"]] = (r["status"], r["run_id"])
+    for kind in ("tags", "errors"):
+        t = table_rows(output, kind, storage, columns=["uri", "run_id"])
+        for u, r in zip(t.column("uri").to_pylist(), t.column("run_id").to_pylist()):
+            assert u not in cur, f"{u} is in both tables"
+            cur[u] = (kind, r)
     return cur
 
 
@@ -76,20 +75,22 @@ def test_nightly_runs_do_only_new_work(ray_local, s3_server, tmp_path):
     m4 = go()
     inc = m4["counts"]["incremental"]
     assert (m4["counts"]["tagged"], inc["deleted"], inc["skipped"]) == (0, 3, 102)
-    tomb = m4["files"]["tombstones"]
-    assert len(tomb) == 1 and tomb[0]["rows"] == 3
-    fsa, root = storage.pyarrow(output)
-    rows = pq.read_table(f"{root}/{tomb[0]['path']}", filesystem=fsa).to_pylist()
-    assert sorted(r["uri"] for r in rows) == sorted(f"s3://{prefix}/{k}" for k in
-                                                   ("bad/empty.jpg", "img_010.jpg", "img_011.jpg"))
-    assert all(r["run_id"] == m4["run_id"] and r["deleted_at"] is not None for r in rows)
+    gone = {f"s3://{prefix}/{k}" for k in ("bad/empty.jpg", "img_010.jpg", "img_011.jpg")}
+    steps = m4["tables"]["steps"]
+    assert steps["1-errors"]["num_target_rows_deleted"] == 1 and steps["2-tags"]["num_target_rows_deleted"] == 2
+    tags = tb.open_table(storage, output, "tags")
+    feed = pa.table(tags.load_cdf(starting_version=m4["tables"]["versions"]["tags"]))
+    assert {u for u, k in zip(feed.column("uri").to_pylist(), feed.column("_change_type").to_pylist())
+            if k == "delete"} == gone - {f"s3://{prefix}/bad/empty.jpg"}
 
     # the current view: every listed image exactly once, from the run that last dealt with it
     cur = current_view(output, storage)
-    live = {u: v for u, v in cur.items() if v[0] != "deleted"}
-    assert len(live) == 102 and sum(v[0] == "deleted" for v in cur.values()) == 3
-    assert {v[1] for u, v in live.items() if "/new_" in u or u.endswith(("img_000.jpg", "img_001.jpg"))} == {m3["run_id"]}
+    assert len(cur) == 102 and not gone & set(cur)
+    assert {v[1] for u, v in cur.items() if "/new_" in u or u.endswith(("img_000.jpg", "img_001.jpg"))} == {m3["run_id"]}
     assert cur[f"s3://{prefix}/img_002.jpg"][1] == m1["run_id"]
+    # time travel: the version before the deletions still has them
+    before = tb.open_table(storage, output, "tags", version=m3["tables"]["versions"]["tags"])
+    assert gone - {f"s3://{prefix}/bad/empty.jpg"} <= set(before.to_pyarrow_table(columns=["uri"]).column("uri").to_pylist())
 
 
 def test_a_small_work_set_runs_in_the_driver(tmp_path):

@@ -10,9 +10,9 @@ import pyarrow.parquet as pq
 
 from ramplus_core.job.config import IMAGE_EXTENSIONS, StorageConfig
 from ramplus_core.job.listing import Fingerprint, has_extension, iter_entries, list_inputs
-from ramplus_core.job.runner import verify
+from ramplus_core.job.commit import verify
+from ramplus_core.job.schemas import RESULT_SCHEMA
 from ramplus_core.job.storage import Storage
-from ramplus_core.job.writer import ERRORS_SCHEMA
 
 from .conftest import mixed_files
 
@@ -104,36 +104,29 @@ def test_verify_reports_missing_and_duplicated_rows(mixed_dir, tmp_path):
     listing = list_inputs([str(mixed_dir)], storage, IMAGE_EXTENSIONS, rs.staging, rows_per_file=100)
     plan = make_plan(storage=storage, output_uri=str(out), staging=rs.staging, listing_files=listing.files,
                      state=ix.IndexState.empty(), mode="missing", model_id="m", vocab_id="v", desc={},
-                     score_floor=0.1, retry_stages=(), prefixes=[str(mixed_dir)], run_id="r", run_date="2026-03-01",
-                     token_cache=False, rows_per_file=1000, descriptors=lambda v: None)
+                     score_floor=0.1, retry_stages=(), prefixes=[str(mixed_dir)], token_cache=False, rows_per_file=1000, descriptors=lambda v: None)
     uris = [u for t in read_shards(storage, listing.files, rs.staging) for u in t.column("uri").to_pylist()]
-    (out / "errors").mkdir(parents=True)
     (out / "_staging" / "r" / "done").mkdir(parents=True)
 
     def write(name, rows):
-        """A data file and the receipt that vouches for it, as a write task leaves them."""
-        t = pa.table({"uri": rows, "error": ["x"] * len(rows), "stage": ["decode"] * len(rows),
-                      "run_id": ["r"] * len(rows)}, schema=ERRORS_SCHEMA)
-        pq.write_table(t, out / "errors" / name)
-        receipt = pa.table({"uri": rows, "status": ["error"] * len(rows), "stage": ["decode"] * len(rows),
-                            "file": [f"errors/{name}"] * len(rows), "run_id": ["r"] * len(rows)})
-        cols = [receipt.column(f.name).cast(f.type) if f.name in receipt.column_names
-                else pa.nulls(len(rows), f.type) for f in ix.INDEX_SCHEMA]
-        pq.write_table(pa.Table.from_arrays(cols, schema=ix.INDEX_SCHEMA), out / "_staging" / "r" / "done" / name)
+        """A staged file of error rows, as a write task leaves it."""
+        t = pa.table({"uri": rows, "error": ["x"] * len(rows), "stage": ["decode"] * len(rows)})
+        cols = [t.column(f.name) if f.name in t.column_names else pa.nulls(len(rows), f.type) for f in RESULT_SCHEMA]
+        pq.write_table(pa.Table.from_arrays(cols, schema=RESULT_SCHEMA), out / "_staging" / "r" / "done" / name)
 
     def clear():
-        for p in list((out / "errors").iterdir()) + list((out / "_staging" / "r" / "done").iterdir()):
+        for p in list((out / "_staging" / "r" / "done").iterdir()):
             p.unlink()
 
-    write("a.parquet", uris[:5])
-    write("b.parquet", uris[5:])
-    assert verify(storage, str(out), rs, listing, plan)["ok"]
+    write("01-00000.parquet", uris[:5])
+    write("01-00001.parquet", uris[5:])
+    assert verify(rs, listing, plan)["ok"]
     clear()
-    write("c.parquet", uris[:5])
-    write("d.parquet", uris[4:-1])  # uris[4] twice, the last one missing
-    check = verify(storage, str(out), rs, listing, plan)
+    write("01-00002.parquet", uris[:5])
+    write("01-00003.parquet", uris[4:-1])  # uris[4] twice, the last one missing
+    check = verify(rs, listing, plan)
     assert not check["ok"]
-    assert "1 missing" in check["detail"] and "1 written more than once" in check["detail"]
+    assert "1 missing" in check["detail"] and "1 staged more than once" in check["detail"]
     assert uris[-1] in check["detail"] and uris[4] in check["detail"]
 
 

@@ -1,8 +1,9 @@
-"""The index and the plan without Ray: committed index files and listing shards written by hand."""
+"""The table state and the plan without Ray: table rows and listing shards written by hand."""
 
 from __future__ import annotations
 
 import json
+import threading
 import zlib
 from datetime import datetime, timezone
 
@@ -13,12 +14,13 @@ import pytest
 import torch
 
 from ramplus_core.job import index as ix
-from ramplus_core.job import manifest as mf
-from ramplus_core.job.listing import LISTING_SCHEMA, Fingerprint
-from ramplus_core.job.plan import WORK_SCHEMA, make_plan
+from ramplus_core.job import table as tb
+from ramplus_core.job.listing import Fingerprint
+from ramplus_core.job.schemas import LISTING_SCHEMA, RESULT_SCHEMA, WORK_SCHEMA
+from ramplus_core.job.plan import make_plan
 from ramplus_core.job.storage import Storage
 from ramplus_core.job.vocab import copyable, descriptor
-from ramplus_core.job.writer import TAGS_SCHEMA
+from ramplus_core.job.writer import shard_of
 from ramplus_core.vocabulary import Vocabulary
 
 MODEL = "m" * 16
@@ -45,31 +47,26 @@ class Out:
         self.storage = Storage()
         self.descs: dict = {}
 
-    def commit(self, run_id: str, rows: list[dict], tags: dict | None = None, commit: bool = True):
-        """rows: index rows (status, uri, version, ...); tags: uri -> {tag: score} for tagged rows."""
+    def commit(self, run_id: str, rows: list[dict], tags: dict | None = None, deleted: tuple = ()):
+        """rows: (status, uri, version, ...) merged into the tables; tags: uri -> {tag: score}."""
+        tb.ensure_tables(self.storage, self.uri, shards=4)
         full = []
         for r in rows:
             r = {"etag": r.get("version"), "size": 1, "mtime": T0, "stage": None, "model_id": MODEL,
-                 "vocab_id": None, "score_floor": 0.1, "run_id": run_id, "file": None, "tokens_file": None,
-                 "tokens_row": None, **r}
+                 "vocab_id": None, "score_floor": 0.1, "run_id": run_id, "tokens_file": None, "tokens_row": None,
+                 "width": 10, "height": 20, **r}
+            s = (tags or {}).get(r["uri"], {})
+            r["tags"] = [k for k, v in s.items() if v > 0.5]
+            r["scores"] = [{"tag": k, "score": v} for k, v in s.items()]
+            if r.pop("status") == "error":
+                r["error"], r["vocab_id"], r["score_floor"] = "bad", None, None
+            r["shard"] = int(shard_of([r["uri"]], 4)[0])
             full.append(r)
-        if tags:
-            rel = f"tags/part-{run_id}-01-00000.parquet"
-            t = pa.table({
-                "uri": list(tags), "size": [1] * len(tags), "etag": [f"e-{u}" for u in tags],
-                "mtime": [T0] * len(tags), "width": [10] * len(tags), "height": [20] * len(tags),
-                "tags": [[k for k, v in s.items() if v > 0.5] for s in tags.values()],
-                "scores": [[{"tag": k, "score": v} for k, v in s.items()] for s in tags.values()],
-                "model_id": [MODEL] * len(tags), "vocab_id": ["?"] * len(tags), "run_id": [run_id] * len(tags),
-            }, schema=TAGS_SCHEMA)
-            (self.root / "tags").mkdir(parents=True, exist_ok=True)
-            pq.write_table(t, self.root / rel)
-            for r in full:
-                if r["uri"] in tags:
-                    r["file"] = rel
-        ix.write_rows(self.storage, ix.delta_uri(self.uri, run_id), [pa.Table.from_pylist(full, schema=ix.INDEX_SCHEMA)])
-        if commit:
-            mf.commit(self.storage, self.uri, run_id, {"run_id": run_id})
+        table = pa.Table.from_pylist(full, schema=RESULT_SCHEMA)
+        gone = pa.table({"uri": list(deleted), "shard": pa.array(shard_of(list(deleted), 4), pa.int32())})
+        tb.commit_run(self.storage, self.uri, run_id, results=lambda: iter(table.to_batches()),
+                      deleted=lambda: iter(gone.to_batches()), metadata={"run_id": run_id}, errors_to_tags=True,
+                      retries=0)
 
     def listing(self, tmp, entries: list[tuple]) -> list[str]:
         """entries: (uri, etag or None, size, mtime, list_error)."""
@@ -86,13 +83,12 @@ class Out:
 
     def plan(self, tmp, files, vocab_id="v1", desc=None, mode="missing", floor=0.1, prefixes=("s3://b/in",),
              cache=False, retry=("list", "fetch", "infer")):
-        state = ix.load_state(self.storage, self.uri, mf.committed_runs(self.uri, self.storage))
+        state = ix.load_state(self.storage, self.uri)
         desc = desc or {"vocab_id": vocab_id, "names": [], "identities": [], "thresholds": []}
         return state, make_plan(
             storage=self.storage, output_uri=self.uri, staging=str(tmp / "staging"), listing_files=files, state=state,
             mode=mode, model_id=MODEL, vocab_id=vocab_id, desc=desc, score_floor=floor, retry_stages=retry,
-            prefixes=list(prefixes), run_id="20260302T000000Z-cccccc", run_date="2026-03-02", token_cache=cache,
-            rows_per_file=1000, descriptors=lambda v: self.descs.get(v))
+            prefixes=list(prefixes), token_cache=cache, rows_per_file=1000, descriptors=lambda v: self.descs.get(v))
 
 
 def plan_rows(plan) -> dict:
@@ -107,7 +103,7 @@ def u(name):
     return f"s3://b/in/{name}.jpg"
 
 
-def test_classification_and_tombstones(tmp_path):
+def test_classification_and_deletions(tmp_path):
     out = Out(tmp_path / "out")
     tagged = dict(status="tagged", vocab_id="v1")
     out.commit("20260101T000000Z-aaaaaa", [
@@ -122,14 +118,14 @@ def test_classification_and_tombstones(tmp_path):
         {"uri": u("superseded"), "version": "e1", **tagged},
     ])
     out.commit("20260102T000000Z-bbbbbb", [{"uri": u("superseded"), "version": "e2", **tagged}])
-    out.commit("20260103T000000Z-zzzzzz", [{"uri": u("same"), "version": "e9", **tagged}], commit=False)
     files = out.listing(tmp_path, [
         (u("same"), "e1", 1, T0, None), (u("changed"), "e2", 1, T0, None), (u("decode_err"), "e1", 1, T0, None),
         (u("fetch_err"), "e1", 1, T0, None), (u("other_model"), "e1", 1, T0, None), (u("new"), "e1", 1, T0, None),
         (u("superseded"), "e2", 1, T0, None), ("s3://b/in/hidden", None, None, None, "folder could not be listed: x"),
     ])
     state, plan = out.plan(tmp_path, files)
-    assert len(state) == 9 and state.rows_read == 10, "the uncommitted run's index rows are not read"
+    assert len(state) == 9 and state.rows_read == 9, "one current row per image"
+    assert state.versions == {"tags": 2, "errors": 1}
     assert plan.counts == {"skipped": 3, "new": 2, "changed": 1, "retried": 1, "grown": 0, "retagged": 1,
                            "deleted": 1}
     rows = plan_rows(plan)
@@ -138,8 +134,8 @@ def test_classification_and_tombstones(tmp_path):
     assert plan.work == 5 and plan.work_fp[0] + plan.skipped_fp[0] == 8
     total = tuple((a + b) % 2**64 for a, b in zip(plan.work_fp, plan.skipped_fp))
     assert Fingerprint(*total) == out.listing_fp, "work + skipped is exactly the listing"
-    tomb = pq.read_table(tmp_path / "out" / plan.tombstones["path"]).to_pylist()
-    assert [(t["uri"], t["etag"], t["last_run_id"]) for t in tomb] == [(u("gone"), "e1", "20260101T000000Z-aaaaaa")]
+    gone = pq.read_table(plan.deleted["path"]).to_pylist()
+    assert gone == [{"uri": u("gone"), "shard": int(shard_of([u("gone")], 4)[0])}]
     # a decode error is retried once configured; mode all re-tags everything and still finds deletions
     _, plan = out.plan(tmp_path, files, retry=("decode",))
     assert plan.counts["retried"] == 1 and u("decode_err") in plan_rows(plan)
@@ -195,27 +191,56 @@ def test_grown_rows_carry_the_old_scores_and_the_copy_rule(tmp_path):
     again = vocab(["a", "b"], thresholds=[0.7, 0.2])
     _, plan = out.plan(tmp_path, files[:1], desc=descriptor(again, "v3"), vocab_id="v3")
     assert plan.need == {"none": 2, "pixels": 1}
-    # the old row's file is gone: those images get full work instead of failing
-    (tmp_path / "out" / "tags" / "part-20260101T000000Z-aaaaaa-01-00000.parquet").unlink()
-    _, plan = out.plan(tmp_path, files, desc=desc)
-    assert plan.counts["grown"] == 0 and plan.work == 3 and set(plan_rows(plan)) == set(scores) | {u("z")}
 
 
-def test_compaction_equals_the_deltas(tmp_path):
+def test_state_is_the_current_rows_and_survives_compaction(tmp_path):
     out = Out(tmp_path / "out")
     for day in range(1, 6):
         rid = f"202601{day:02d}T000000Z-aaaaaa"
         out.commit(rid, [{"uri": u(f"i{j}"), "version": f"e{day}", "status": "tagged", "vocab_id": "v1"}
-                         for j in range(day * 3)] + ([{"uri": u("i0"), "version": "e", "status": "deleted"}]
-                                                     if day == 4 else []))
-    runs = mf.committed_runs(out.uri)
-    before = ix.load_state(out.storage, out.uri, runs)
-    info = ix.compact(out.storage, out.uri, runs[-1], runs)
-    assert info["rows"] == 15 - 0, "every live entry once"  # i0 was re-tagged on day 5 after its tombstone
-    after = ix.load_state(out.storage, out.uri, runs)
-    assert [f.kind for f in after.sources] == ["base"]
+                         for j in range(day == 4, day * 3)], deleted=(u("i0"),) if day == 4 else ())
+    before = ix.load_state(out.storage, out.uri)
+    assert len(before) == 15 and before.rows_read == 15, "each image once, whatever its history"
+    assert before.nbytes / len(before) <= 40
+    info = tb.maintain(out.storage, out.uri, optimize=True, vacuum_hours=0)
+    assert set(info["tags"]["optimize"]) >= {"numFilesAdded", "numFilesRemoved"}
+    after = ix.load_state(out.storage, out.uri)
     assert np.array_equal(before.h1, after.h1) and np.array_equal(before.hv, after.hv)
-    assert after.nbytes / len(after) <= 48
-    got = after.rows_at(out.storage, np.arange(len(after)), ["uri", "run_id"]).to_pylist()
-    assert {r["uri"] for r in got} == {u(f"i{j}") for j in range(15)}
-    assert json.loads(json.dumps(info))["files"] == 1
+    dt = tb.open_table(out.storage, out.uri, "tags", version=3)
+    assert dt is not None and dt.version() == 3, "time travel reaches the versions a vacuum keeps"
+    assert json.loads(json.dumps(info))["tags"]["version"] > info["tags"]["version_before"]
+
+
+def test_a_commit_that_races_another_is_rerun_on_top(tmp_path):
+    """The other run commits while this merge is reading its source: delta-rs refuses ours,
+    it runs again on the new version and updates instead of inserting a second row."""
+    out = Out(tmp_path / "out")
+    out.commit("20260101T000000Z-aaaaaa", [{"uri": u("old"), "version": "e1", "status": "tagged", "vocab_id": "v1"}])
+    rows = [{"uri": u(f"n{i}"), "version": "e1", "status": "tagged", "vocab_id": "v1"} for i in range(3)]
+    raced = []
+    real_commit = out.commit
+
+    def racing_results(table):
+        def gen():
+            raced.append(1)
+            if len(raced) == 2:  # the tags step (the errors step reads the rows first)
+                # lands after our merge loaded the table (a thread: delta-rs is mid-call in this one)
+                t = threading.Thread(target=real_commit, args=("20260102T000000Z-other0", rows))
+                t.start()
+                t.join()
+            yield from table.to_batches()
+        return gen
+
+    tb.ensure_tables(out.storage, out.uri, shards=4)
+    full = [{**r, "etag": "e1", "size": 1, "mtime": T0, "model_id": MODEL, "score_floor": 0.1,
+             "run_id": "20260102T000000Z-mine00", "width": 1, "height": 1, "tags": [], "scores": [],
+             "shard": int(shard_of([r["uri"]], 4)[0])} for r in rows]
+    for r in full:
+        r.pop("status")
+    table = pa.Table.from_pylist(full, schema=RESULT_SCHEMA)
+    empty = pa.table({"uri": pa.array([], pa.string()), "shard": pa.array([], pa.int32())})
+    res = tb.commit_run(out.storage, out.uri, "20260102T000000Z-mine00", results=racing_results(table),
+                        deleted=lambda: iter(empty.to_batches()), metadata={}, errors_to_tags=False, retries=2)
+    assert res["2-tags"]["attempts"] == 2 and res["2-tags"]["num_target_rows_updated"] == 3
+    state = ix.load_state(out.storage, out.uri)
+    assert len(state) == 4 and state.rows_read == 4, "each image once"

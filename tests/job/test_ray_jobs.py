@@ -80,9 +80,9 @@ def test_submit_through_ray_jobs_api(ray_head, tmp_path):
     assert info.status == JobStatus.SUCCEEDED
     assert "invariant" in logs and "committed" in logs
 
-    runs = sorted((out / "_runs").glob("*._SUCCESS"))
+    runs = sorted((out / "_runs").glob("*.json"))
     assert len(runs) == 1
-    run_id = runs[0].name[: -len("._SUCCESS")]
+    run_id = runs[0].name[: -len(".json")]
     m = json.loads((out / "_runs" / f"{run_id}.json").read_text())
     samples = [p for p in (REPO / "ramplus_core" / "samples").iterdir() if p.suffix.lower() == ".jpg"]
     assert m["counts"]["listed"] == m["counts"]["tagged"] == len(samples) > 0

@@ -9,28 +9,25 @@ import subprocess
 import sys
 import time
 
-import pyarrow.dataset as pads
 import pytest
 
 from ramplus_core.job import committed_runs, load_config, read_manifest, run
 from ramplus_core.job import listing as listing_mod
-from ramplus_core.job import runner as runner_mod
+from ramplus_core.job import pipeline as pipeline_mod
+from ramplus_core.job import table as table_mod
+from ramplus_core.job.storage import Storage
 
-from .conftest import CHECKPOINT, REPO, job_config, stop_session
+from .conftest import CHECKPOINT, REPO, job_config, stop_session, table_rows
 from .test_incremental import tiny_jpeg
 
 
 def committed_rows(out) -> dict:
-    """uri -> [run_id, ...] over every committed row in tags/ and errors/, as a folder-globbing reader sees it."""
-    runs = set(committed_runs(str(out)))
+    """uri -> [run_id, ...] over the current rows of both tables, as any Delta reader sees them."""
     seen: dict = {}
     for kind in ("tags", "errors"):
-        if not (out / kind).exists():
-            continue
-        t = pads.dataset(str(out / kind), format="parquet", partitioning="hive").to_table(columns=["uri", "run_id"])
+        t = table_rows(out, kind, columns=["uri", "run_id"])
         for u, r in zip(t.column("uri").to_pylist(), t.column("run_id").to_pylist()):
-            if r in runs:
-                seen.setdefault(u, []).append(r)
+            seen.setdefault(u, []).append(r)
     return seen
 
 
@@ -81,13 +78,11 @@ def test_sigkill_of_the_driver_then_rerun(ray_local, tmp_path):
     assert (m["counts"]["tagged"], m["counts"]["errors"]) == (39, 1) and m["invariant"]["ok"]
     assert any(line.startswith("resuming run") for line in lines)
 
-    # readers: every image exactly once, no file nobody vouches for, no half-written file
+    # readers: every image exactly once; the killed attempt's staged rows were committed too
     seen = committed_rows(out)
     assert len(seen) == 40 and all(v == [m["run_id"]] for v in seen.values())
-    listed = {f["path"] for k in ("tags", "errors") for f in m["files"][k]}
-    on_disk = {str(p.relative_to(out)) for k in ("tags", "errors") for p in (out / k).rglob("*") if p.is_file()}
-    assert on_disk == listed, f"orphans left: {on_disk - listed}"
-    assert {p.split("-")[-2] for p in listed} <= {"01", "02"} and any(p.split("-")[-2] == "01" for p in listed)
+    attempts = {f["path"].rsplit("/", 1)[-1][:2] for f in m["staged_files"]}
+    assert attempts <= {"01", "02"} and "01" in attempts
     assert not (out / "_staging").exists()
     assert read_manifest(str(out), m["run_id"])["resume"]["kept_rows"] == kept
 
@@ -124,7 +119,7 @@ def test_crash_while_listing_and_after_planning(ray_local, tmp_path, monkeypatch
     def dying_pipeline(*a, **k):
         raise Killed()
 
-    monkeypatch.setattr(runner_mod, "run_pipeline", dying_pipeline)
+    monkeypatch.setattr(pipeline_mod, "run_pipeline", dying_pipeline)
     with pytest.raises(Killed):
         go()
     monkeypatch.undo()
@@ -140,10 +135,45 @@ def test_crash_while_listing_and_after_planning(ray_local, tmp_path, monkeypatch
     assert committed_runs(str(out)) == [run_id]
 
 
+def test_killed_between_its_table_commits_then_resumed(ray_local, tmp_path, monkeypatch):
+    """Killed after the errors commit, before the tags commit: a reader may see the new errors
+    early, never lose an image; the resumed run makes only the commits that are missing."""
+    src, out = tmp_path / "in", tmp_path / "out"
+    make_images(src, 5)
+    conf = job_config(tmp_path)
+
+    def go():
+        cfg = load_config(str(conf), inputs=[str(src)], output=str(out), checkpoint=str(CHECKPOINT))
+        return run(cfg, emit=lambda s: None)
+
+    class Killed(BaseException):
+        pass
+
+    real = table_mod._merge
+
+    def dying(storage, output, kind, run_id, step, *a, **k):
+        if step == "2-tags":
+            raise Killed()
+        return real(storage, output, kind, run_id, step, *a, **k)
+
+    monkeypatch.setattr(table_mod, "_merge", dying)
+    with pytest.raises(Killed):
+        go()
+    monkeypatch.undo()
+    assert committed_runs(str(out)) == []
+    assert table_rows(out, "tags").num_rows == 0 and table_rows(out, "errors").num_rows == 1
+    errors_version = table_mod.versions(Storage(), str(out))["errors"]
+    m = go().manifest
+    assert m["resume"]["attempt"] == 2 and m["model_work"].get("backbone_images", 0) == 0, "nothing is tagged again"
+    assert m["tables"]["steps"]["1-errors"] == "committed by an earlier attempt"
+    assert m["tables"]["versions"]["errors"] == errors_version
+    seen = committed_rows(out)
+    assert len(seen) == 6 and all(v == [m["run_id"]] for v in seen.values())
+
+
 def test_a_live_run_is_not_taken_over(tmp_path):
     from ramplus_core.errors import ConfigError
     from ramplus_core.job.state import open_run, resume_key
-    from ramplus_core.job.storage import Storage
 
     src, out = tmp_path / "in", tmp_path / "out"
     make_images(src, 1)
@@ -161,3 +191,24 @@ def test_a_live_run_is_not_taken_over(tmp_path):
     assert (again.run_id, again.attempt) == (first.run_id, 2)
     other = open_run(Storage(), cfg, resume_key(cfg, "m", "other-vocab"), datetime.now(timezone.utc), lambda s: None)
     assert other.run_id != first.run_id and other.attempt == 1
+
+
+@pytest.mark.slow
+def test_two_runs_started_at_once_on_one_output(tmp_path):
+    """Both tag everything; whichever commits second merges on top: each image once."""
+    src, out = tmp_path / "in", tmp_path / "out"
+    make_images(src, 30)
+    conf = job_config(tmp_path)
+    cmd = [sys.executable, str(REPO / "jobs" / "tag_bucket.py"), "--config", str(conf), "--input", str(src),
+           "--output", str(out), "--checkpoint", str(CHECKPOINT), "--set", "incremental.resume=false", "--quiet"]
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    procs = [subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=600)[0].decode() for p in procs]
+    codes = [p.returncode for p in procs]
+    assert all(c in (0, 4) for c in codes) and 0 in codes, outs
+    seen = committed_rows(out)
+    assert len(seen) == 31 and all(len(v) == 1 for v in seen.values())
+    if codes == [0, 0]:
+        assert len(committed_runs(str(out))) == 2
