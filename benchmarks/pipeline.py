@@ -6,9 +6,10 @@
 Everything is measured in this one process on this machine, in this order:
 
 1. decode: 12-megapixel JPEGs (sample photos upscaled to 4000x3000) decoded and resized to
-   384x384 with full decoding and with Pillow's JPEG draft mode (DecodeLimits(jpeg_draft=True)),
+   384x384 in exact mode (the paper's full decode) and in fast mode (the default, DecodeLimits()),
    one thread, timed in CPU seconds (= images/s per core, even when other work shares the
-   machine); plus the pixel and logit differences draft mode causes.
+   machine); plus the pixel and logit differences fast mode causes (benchmarks/decode.py has the
+   per-size table).
 2. model only: `RamPlus.logits` over already-decoded images, same batch size and torch
    threads as the job's actor.
 3. the job: `run()` over the same images as JPEG files in a folder, on a local Ray with all
@@ -89,7 +90,7 @@ def bench_decode(model, n_images: int, repeats: int, full_model=None) -> dict:
     data = big_jpegs(n_images)
     res = {"bytes": statistics.mean(len(d) for d in data)}
     arrays = {}
-    for name, limits in (("full", DecodeLimits(jpeg_draft=False)), ("draft", DecodeLimits(jpeg_draft=True))):
+    for name, limits in (("exact", DecodeLimits(mode="exact")), ("fast", DecodeLimits())):
         decode(data[0], limits)  # warm-up
         times = []
         for _ in range(repeats):
@@ -99,13 +100,13 @@ def bench_decode(model, n_images: int, repeats: int, full_model=None) -> dict:
                 times.append(time.process_time() - t)
         res[name] = 1.0 / statistics.mean(times)
         arrays[name] = np.stack([decode(d, limits).array for d in data])
-    diff = np.abs(arrays["full"].astype(np.int16) - arrays["draft"].astype(np.int16))
+    diff = np.abs(arrays["exact"].astype(np.int16) - arrays["fast"].astype(np.int16))
     res["pixel_max"], res["pixel_mean"] = int(diff.max()), float(diff.mean())
     for tag, m in (("tiny", model), ("full", full_model)):
         if m is None:
             continue
-        a = m.logits(normalize(arrays["full"]))
-        b = m.logits(normalize(arrays["draft"]))
+        a = m.logits(normalize(arrays["exact"]))
+        b = m.logits(normalize(arrays["fast"]))
         res[f"logit_max_{tag}"] = float((a - b).abs().max())
         res[f"prob_max_{tag}"] = float((torch.sigmoid(a) - torch.sigmoid(b)).abs().max())
         on_a = torch.sigmoid(a).numpy() > m.vocabulary.thresholds[None]
@@ -122,7 +123,7 @@ def decode_rate(files: list[Path]) -> float:
 
     torch.set_num_threads(1)
     data = [p.read_bytes() for p in files]
-    limits = DecodeLimits(jpeg_draft=True)
+    limits = DecodeLimits()  # the default (fast) mode
     decode(data[0], limits)
     t = time.process_time()
     for d in data:
@@ -130,18 +131,15 @@ def decode_rate(files: list[Path]) -> float:
     return len(data) / (time.process_time() - t)
 
 
-def model_only(model, files: list[Path], batch: int, threads: int, jpeg_draft: bool | None = None) -> float:
+def model_only(model, files: list[Path], batch: int, threads: int) -> float:
     """Images/s of RamPlus.logits alone over pre-decoded images (first batch is a warm-up)."""
     import torch
 
-    from ramplus_core.preprocess import DecodeLimits, decode, normalize
+    from ramplus_core.job.config import DecodeConfig
+    from ramplus_core.preprocess import decode, normalize
 
     torch.set_num_threads(threads)
-    if jpeg_draft is None:  # decode as the job does by default, so the ratio compares like with like
-        from ramplus_core.job.config import DecodeConfig
-
-        jpeg_draft = DecodeConfig().jpeg_draft
-    limits = DecodeLimits(jpeg_draft=jpeg_draft)
+    limits = DecodeConfig().limits()  # decode as the job does by default, so the ratio compares like with like
     arrays = np.stack([decode(p.read_bytes(), limits).array for p in files])
     model.logits(normalize(arrays[:batch]))
     t = time.perf_counter()
@@ -219,15 +217,15 @@ def main() -> None:
 
     torch.set_num_threads(1)
     dec = bench_decode(tiny, args.decode_images, args.decode_repeats, full)
-    lines.append(row("decode 12 MP JPEG, full", f"{dec['full']:.2f} images/s per core",
+    lines.append(row("decode 12 MP JPEG, exact", f"{dec['exact']:.2f} images/s per core",
                      f"{args.decode_images} photos upscaled to 4000x3000, q90, {dec['bytes'] / 1e6:.1f} MB avg, decode + resize to 384"))
-    lines.append(row("decode 12 MP JPEG, draft", f"{dec['draft']:.2f} images/s per core",
-                     f"jpeg_draft=true: {dec['draft'] / dec['full']:.1f}x faster"))
-    lines.append(row("draft vs full: pixels", f"max {dec['pixel_max']}, mean {dec['pixel_mean']:.2f} (of 255)",
+    lines.append(row("decode 12 MP JPEG, fast", f"{dec['fast']:.2f} images/s per core",
+                     f"decode.mode fast (the default): {dec['fast'] / dec['exact']:.1f}x faster"))
+    lines.append(row("fast vs exact: pixels", f"max {dec['pixel_max']}, mean {dec['pixel_mean']:.2f} (of 255)",
                      "384x384x3 uint8 after resize"))
     for tag in ("tiny", "full"):
         if f"logit_max_{tag}" in dec:
-            lines.append(row(f"draft vs full: scores ({tag} model)",
+            lines.append(row(f"fast vs exact: scores ({tag} model)",
                              f"max dlogit {dec[f'logit_max_{tag}']:.4f}, max dprob {dec[f'prob_max_{tag}']:.4f}",
                              f"{dec[f'flips_{tag}']} of {dec[f'decisions_{tag}']} tag decisions change"))
 
@@ -237,7 +235,7 @@ def main() -> None:
     for p in files[:8]:
         (small / p.name).write_bytes(p.read_bytes())
     lines.append(row("decode 640x480 JPEG", f"{decode_rate(files[:48]):.0f} images/s per core",
-                     "the synthetic job images (draft mode changes nothing below 1536 px)"))
+                     "the synthetic job images, fast mode (the default)"))
     mo = model_only(tiny, files, args.batch, threads)
     lines.append(row("model only, tiny", f"{mo:.2f} images/s", f"RamPlus.logits, batch {args.batch}, {threads} threads"))
 

@@ -77,14 +77,61 @@ class FetchConfig:
     max_backoff_s: float = field(default=10.0, metadata=_check(_non_negative))
 
 
+def _one_of(*choices: str):
+    def check(v) -> Optional[str]:
+        return None if v in choices else f"must be one of {', '.join(choices)}"
+    return check
+
+
 @dataclass(frozen=True)
 class DecodeConfig:
+    """How images become the model's input; docs/job.md, "Decode".
+
+    mode: `fast` (default: libjpeg-turbo DCT-scaled JPEG decode + torch's antialiased
+    resize, 2-5x the paper's speed per core, within ~0.15 uint8 levels on average) or
+    `exact` (the paper's Pillow transform bit for bit; use it for evaluation and paper
+    reproduction). device: where JPEGs are decoded: `cpu` (decode tasks), `gpu` (the
+    inference actors, nvJPEG; fast mode only), `auto` (gpu when the actors have one).
+    jpeg_draft: exact mode only, the old Pillow draft switch (large JPEGs decoded at
+    1/2-1/8 scale, never below 768 px, then Pillow's resize); fast mode already does this.
+    """
+
     max_bytes: int = field(default=DEFAULT_MAX_BYTES, metadata=_check(_positive))
     max_pixels: int = field(default=DEFAULT_MAX_PIXELS, metadata=_check(_positive))
+    mode: str = field(default="fast", metadata=_check(_one_of("fast", "exact")))
+    device: str = field(default="auto", metadata=_check(_one_of("auto", "cpu", "gpu")))
     jpeg_draft: bool = False
     batch_size: int = field(default=16, metadata=_check(_positive))
     num_cpus: float = field(default=0.5, metadata=_check(_positive))
     tasks: Optional[int] = field(default=None, metadata=_check(_positive))
+
+    def __post_init__(self):
+        if self.jpeg_draft and self.mode != "exact":
+            raise ConfigError("decode.jpeg_draft: applies to decode.mode: exact only (fast mode already decodes "
+                              "large JPEGs at reduced scale); set decode.mode: exact to keep the old draft decode, "
+                              "or remove decode.jpeg_draft")
+        if self.device == "gpu" and self.mode == "exact":
+            raise ConfigError("decode.device: gpu decodes with nvJPEG, which is not the paper's exact decode; "
+                              "use decode.mode: fast with it, or decode.device: cpu (or auto) with exact mode")
+
+    def limits(self):
+        """The `preprocess.DecodeLimits` every decode of this run uses (tasks, actors and fallbacks alike)."""
+        from ..preprocess import DecodeLimits
+
+        return DecodeLimits(max_bytes=self.max_bytes, max_pixels=self.max_pixels, mode=self.mode,
+                            jpeg_draft=self.jpeg_draft)
+
+    def in_actor(self, actor_device: Optional[str]) -> bool:
+        """Whether JPEG bytes travel compressed to the inference actors and are decoded there (nvJPEG).
+
+        `actor_device` is the actors' torch device (`cuda`, `cuda:0`, `cpu`; None: CPU).
+        Exact mode always decodes in the CPU tasks; `gpu` on CPU actors is a mistake, said at once.
+        """
+        on_gpu = bool(actor_device) and str(actor_device).startswith("cuda")
+        if self.device == "gpu" and not on_gpu:
+            raise ConfigError(f"decode.device: gpu needs GPU inference actors, but they run on "
+                              f"{actor_device or 'cpu'}; use decode.device: auto or cpu")
+        return self.mode == "fast" and (self.device == "gpu" or (self.device == "auto" and on_gpu))
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,13 @@ node's shared-memory object store, so every actor on a node reads the same physi
 (for the released vocabulary that is ~1 GB of fp32 the actors do not each hold). The actor
 reports where its arrays live (shared-memory file and offset) so tests and the manifest can
 show that, and it counts any call to `prepare_vocabulary` (there must be none).
+
+With `decode_limits` set (decode.device gpu, or auto on GPU actors), rows may arrive with
+JPEG bytes in `encoded` instead of pixels: the actor decodes them all in one batched call
+on its device (`gpu_decode.decode_batch`: nvJPEG on a GPU, torchvision's CPU decoder
+elsewhere), falls back to the CPU decode for any image that fails there, and writes the
+decoded size into `width`/`height`. A file that fails both ways is an error row of stage
+`decode`, as if the decode task had refused it.
 """
 
 from __future__ import annotations
@@ -83,7 +90,7 @@ class Tagger:
                  model_id: str, vocab_id: str, device: str, dtype: str, torch_threads: Optional[int],
                  chunk_size: int, score_floor: float, counter=None, keys: Optional[dict] = None,
                  output_uri: Optional[str] = None, run_id: Optional[str] = None, cache_tokens: bool = False,
-                 token_dtype: str = "fp16"):
+                 token_dtype: str = "fp16", decode_limits=None):
         t0 = time.perf_counter()
         import ray
         import torch
@@ -135,6 +142,7 @@ class Tagger:
             copy[idx] = False
             self.keys[key] = {"compute": idx, "copy": copy, "prepared": full.select(idx) if len(idx) else None}
         self.work = _zero_work()
+        self.decode_limits = decode_limits  # None: pixels arrive decoded; else JPEG bytes may, in `encoded`
         self.info = {
             "pid": os.getpid(),
             "node_id": ray.get_runtime_context().get_node_id() if ray.is_initialized() else None,
@@ -169,8 +177,14 @@ class Tagger:
         tok_row = col("tokens_row", pa.int32()).to_pylist()
         has_px = _lengths(batch.column("pixels")) > 0
         has_tok = _lengths(batch.column("tokens")) > 0 if "tokens" in names else np.zeros(n, dtype=bool)
+        has_enc = _lengths(batch.column("encoded")) > 0 if "encoded" in names else np.zeros(n, dtype=bool)
         ok = np.asarray([e is None for e in error], dtype=bool)
-        for i in np.flatnonzero(ok & ~has_px & ~has_tok):
+        widths, heights = batch.column("width").to_pylist(), batch.column("height").to_pylist()
+        for i in np.flatnonzero(ok & has_enc & ~has_px):
+            if self.decode_limits is None:
+                error[i], stage[i] = "internal: JPEG bytes reached an actor that does not decode", "infer"
+                ok[i] = False
+        for i in np.flatnonzero(ok & ~has_px & ~has_tok & ~has_enc):
             if base_key[i] is None or self.keys.get(base_key[i], {}).get("prepared") is not None:
                 error[i], stage[i] = "internal: a row reached the model with neither pixels nor tokens", "infer"
                 ok[i] = False
@@ -179,9 +193,10 @@ class Tagger:
 
         # image tokens: from pixels (the backbone) or from the cache
         tokens: dict[int, "torch.Tensor"] = {}
-        px = np.flatnonzero(ok & has_px)
+        px, pixels = self._inputs(batch, ok & has_px, ok & has_enc & ~has_px, error, stage, widths, heights)
+        ok &= np.asarray([e is None for e in error], dtype=bool)
         if len(px):
-            got, failures = self._each(self._tokens, _pixels(batch.column("pixels"), len(px)))
+            got, failures = self._each(self._tokens, pixels)
             for j, reason in failures:
                 error[px[j]], stage[px[j]] = reason, "infer"
             for j, i in enumerate(px):
@@ -251,7 +266,8 @@ class Tagger:
 
         is_err = np.asarray([e is not None for e in error], dtype=bool)
         tags, scores = self._lists(probs, is_err)
-        cols = [batch.column(k) for k in ("uri", "size", "etag", "mtime", "width", "height")]
+        cols = [batch.column(k) for k in ("uri", "size", "etag", "mtime")]
+        cols += [pa.array(widths, pa.int32()), pa.array(heights, pa.int32())]
         out = pa.Table.from_arrays(cols + [tags, scores, pa.array(error, pa.string()), pa.array(stage, pa.string()),
                                           col("version", pa.string()), pa.array(tok_file, pa.string()),
                                           pa.array(tok_row, pa.int32())],
@@ -283,8 +299,34 @@ class Tagger:
                 failures.append((j, f"inference failed: {type(e).__name__}: {str(e)[:300]}"))
         return got, failures
 
-    def _tokens(self, pixels: np.ndarray):
-        """uint8 NHWC -> projected image tokens [N, 145, 512] (the backbone)."""
+    def _inputs(self, batch: pa.Table, decoded: np.ndarray, encoded: np.ndarray, error: list, stage: list,
+                width: list, height: list):
+        """Rows for the backbone and their uint8 NHWC pixels, in row order: decoded rows (a view of
+        the Arrow buffer) and JPEG rows decoded here in one batch; JPEG rows that fail get error rows."""
+        rows = np.flatnonzero(decoded)
+        pixels = _pixels(batch.column("pixels"), len(rows)) if len(rows) else np.empty((0, 384, 384, 3), np.uint8)
+        enc = np.flatnonzero(encoded)
+        if not len(enc):
+            return rows, pixels
+        import torch
+
+        from ..gpu_decode import decode_batch
+
+        column = batch.column("encoded")
+        got = decode_batch([memoryview(column[int(i)].as_buffer()) for i in enc], self.decode_limits, self.model.device)
+        for j, i in enumerate(enc):
+            if got.ok[j]:
+                width[i], height[i] = got.width[j], got.height[j]
+            else:
+                error[i], stage[i] = got.error[j], "decode"
+        self.work["actor_decoded_jpegs"] += got.on_device
+        both = np.concatenate([rows, enc[got.ok]])
+        order = np.argsort(both, kind="stable")
+        x = torch.cat([_as_tensor(pixels).to(self.model.device), got.pixels.to(self.model.device)])
+        return both[order], x[torch.from_numpy(order).to(x.device)]
+
+    def _tokens(self, pixels):
+        """uint8 NHWC (numpy or a tensor) -> projected image tokens [N, 145, 512] (the backbone)."""
         return self.model.image_tokens(to_model_input(pixels, self.model.device))
 
     def _head(self, tokens, prepared=None) -> np.ndarray:
@@ -350,7 +392,15 @@ def _offsets(counts: np.ndarray) -> pa.Array:
     return pa.array(np.concatenate([[0], np.cumsum(counts)]).astype(np.int32), pa.int32())
 
 
-def to_model_input(pixels: np.ndarray, device) -> "torch.Tensor":  # noqa: F821
+def _as_tensor(pixels):
+    import torch
+
+    if isinstance(pixels, torch.Tensor):
+        return pixels
+    return torch.from_numpy(np.ascontiguousarray(pixels)) if pixels.flags.writeable else _readonly(pixels, torch)
+
+
+def to_model_input(pixels, device) -> "torch.Tensor":  # noqa: F821
     """uint8 NHWC -> normalised float NCHW on `device`, as `preprocess.normalize` computes it.
 
     On a GPU the uint8 batch is moved first (a quarter of the bytes of float32) and
@@ -361,8 +411,7 @@ def to_model_input(pixels: np.ndarray, device) -> "torch.Tensor":  # noqa: F821
 
     from ..preprocess import MEAN, STD
 
-    x = torch.from_numpy(np.ascontiguousarray(pixels)) if pixels.flags.writeable else _readonly(pixels, torch)
-    x = x.to(device, non_blocking=True).permute(0, 3, 1, 2).to(torch.float32).div_(255.0)
+    x = _as_tensor(pixels).to(device, non_blocking=True).permute(0, 3, 1, 2).to(torch.float32).div_(255.0)
     mean = torch.tensor(MEAN, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(STD, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
     return x.sub_(mean).div_(std)
@@ -399,7 +448,8 @@ def _pixels(column: pa.ChunkedArray, n_ok: int) -> np.ndarray:
 
 
 def _zero_work() -> dict:
-    return {"backbone_images": 0, "token_reads": 0, "head_tag_scores": 0, "copied_scores": 0, "tokens_written": 0}
+    return {"backbone_images": 0, "token_reads": 0, "head_tag_scores": 0, "copied_scores": 0, "tokens_written": 0,
+            "actor_decoded_jpegs": 0}  # the last: JPEGs decoded by the actor's device decoder (gpu_decode)
 
 
 def _process_start() -> Optional[float]:

@@ -5,6 +5,11 @@ decodes in its own thread: parallelism across the cluster is (decode tasks x fet
 threads) for the network and (decode tasks) for the CPU. At most `fetch.threads` fetched
 objects wait for decoding in a task, which bounds memory at threads x decode.max_bytes.
 
+With `defer_jpeg` (decode.device gpu, or auto on GPU actors) a JPEG that the GPU decoder
+can take (`gpu_decode.wants`: header read, 8-bit, 1 or 3 components, under the limits) is
+not decoded here: its bytes go on in `encoded` and the actor decodes them in batches with
+nvJPEG. Every other file is decoded here as before.
+
 Nothing raised here escapes: every row comes out either with pixels or with `error` and
 `stage` set, because one bad object must never fail a night's run.
 
@@ -28,13 +33,15 @@ from typing import Optional
 import pyarrow as pa
 
 from ..errors import ImageError
+from ..gpu_decode import wants
 from ..preprocess import IMAGE_SIZE, DecodeLimits, decode
 from .config import FetchConfig
 from .storage import Storage
 
 #: What flows from the decode tasks to the inference actors. `pixels` is HWC uint8 of
-#: 384x384x3 bytes, empty for error rows; large_binary because a batch passes 2 GiB of
-#: pixels at ~4900 images.
+#: 384x384x3 bytes, empty for error rows and for JPEGs passed on undecoded in `encoded`
+#: (their width and height are then the header's); large_binary because a batch passes
+#: 2 GiB of pixels at ~4900 images.
 DECODED_SCHEMA = pa.schema([
     ("uri", pa.string()),
     ("size", pa.int64()),
@@ -45,6 +52,7 @@ DECODED_SCHEMA = pa.schema([
     ("pixels", pa.large_binary()),
     ("error", pa.string()),
     ("stage", pa.string()),
+    ("encoded", pa.large_binary()),
 ])
 PIXEL_BYTES = IMAGE_SIZE * IMAGE_SIZE * 3
 
@@ -109,8 +117,12 @@ def _decode_row(data: bytes, limits: DecodeLimits):
     return d.array.tobytes(), d.width, d.height
 
 
-def fetch_decode(batch: pa.Table, *, storage: Storage, fetch: FetchConfig, limits: DecodeLimits) -> pa.Table:
-    """The Ray Data UDF: a listing batch -> DECODED_SCHEMA rows, one per input row."""
+def fetch_decode(batch: pa.Table, *, storage: Storage, fetch: FetchConfig, limits: DecodeLimits,
+                 defer_jpeg: bool = False) -> pa.Table:
+    """The Ray Data UDF: a listing batch -> DECODED_SCHEMA rows, one per input row.
+
+    defer_jpeg: JPEGs the GPU decoder takes pass through undecoded in `encoded`.
+    """
     rows = batch.to_pylist()
     n = len(rows)
     out = {k: [None] * n for k in DECODED_SCHEMA.names}
@@ -118,6 +130,7 @@ def fetch_decode(batch: pa.Table, *, storage: Storage, fetch: FetchConfig, limit
         for k in ("uri", "size", "etag", "mtime"):
             out[k][i] = r.get(k)
         out["pixels"][i] = b""
+        out["encoded"][i] = b""
 
     def fail(i: int, reason: str, stage: str) -> None:
         out["error"][i], out["stage"][i] = reason, stage
@@ -151,6 +164,11 @@ def fetch_decode(batch: pa.Table, *, storage: Storage, fetch: FetchConfig, limit
                 if not out["etag"][i]:
                     out["etag"][i] = hashlib.md5(data, usedforsecurity=False).hexdigest()
                 out["size"][i] = len(data)
+                info = wants(data, limits) if defer_jpeg else None
+                if info is not None:
+                    out["encoded"][i] = data
+                    out["width"][i], out["height"][i] = info.oriented_size
+                    continue
                 try:
                     out["pixels"][i], out["width"][i], out["height"][i] = _decode_row(data, limits)
                 except ImageError as e:

@@ -81,7 +81,8 @@ def read_token_rows(storage: Storage, output_uri: str, rel: str, rows: list[int]
 # -- the UDF ------------------------------------------------------------------------------------------
 
 def load_inputs(batch: pa.Table, *, storage: Storage, fetch: FetchConfig, limits: DecodeLimits,
-                output_uri: str) -> pa.Table:
+                output_uri: str, defer_jpeg: bool = False) -> pa.Table:
+    """The Ray Data UDF: plan rows -> LOADED_SCHEMA rows; `defer_jpeg` as in `reader.fetch_decode`."""
     n = batch.num_rows
     names = batch.column_names
     need = batch.column("need").to_pylist() if "need" in names else ["pixels"] * n
@@ -109,7 +110,7 @@ def load_inputs(batch: pa.Table, *, storage: Storage, fetch: FetchConfig, limits
 
     px = [i for i, x in enumerate(need) if x == "pixels"]
     out = {k: [None] * n for k in ("width", "height", "error", "stage")}
-    pixels = pa.array([b""] * n, pa.large_binary())
+    pixels = encoded = pa.array([b""] * n, pa.large_binary())
     uri, size, etag, mtime = (col(k, t) for k, t in (("uri", pa.string()), ("size", pa.int64()),
                                                       ("etag", pa.string()), ("mtime", pa.timestamp("us", tz="UTC"))))
     size, etag = size.to_pylist(), etag.to_pylist()
@@ -119,13 +120,15 @@ def load_inputs(batch: pa.Table, *, storage: Storage, fetch: FetchConfig, limits
         listing = batch.select([c for c in _LISTING_COLUMNS if c in names]).take(pa.array(px))
         if "list_error" not in listing.column_names:
             listing = listing.append_column("list_error", pa.nulls(len(px), pa.string()))
-        decoded = fetch_decode(listing, storage=storage, fetch=fetch, limits=limits)
-        # the pixels (442 KB a row) stay in Arrow: one gather, no Python bytes per image
+        decoded = fetch_decode(listing, storage=storage, fetch=fetch, limits=limits, defer_jpeg=defer_jpeg)
+        # the pixels (442 KB a row) and JPEG bytes stay in Arrow: one gather, no Python bytes per image
         src = np.full(n, len(px), dtype=np.int64)
         src[px] = np.arange(len(px))
-        pixels = pa.concat_arrays([decoded.column("pixels").combine_chunks(),
-                                   pa.array([b""], pa.large_binary())]).take(pa.array(src))
-        dec = decoded.drop_columns(["pixels"]).to_pydict()
+        src = pa.array(src)
+        empty = pa.array([b""], pa.large_binary())
+        pixels = pa.concat_arrays([decoded.column("pixels").combine_chunks(), empty]).take(src)
+        encoded = pa.concat_arrays([decoded.column("encoded").combine_chunks(), empty]).take(src)
+        dec = decoded.drop_columns(["pixels", "encoded"]).to_pydict()
         for j, i in enumerate(px):
             size[i], etag[i] = dec["size"][j], dec["etag"][j]
             for k in ("width", "height", "error", "stage"):
@@ -136,6 +139,7 @@ def load_inputs(batch: pa.Table, *, storage: Storage, fetch: FetchConfig, limits
         "width": pa.array(out["width"], pa.int32()), "height": pa.array(out["height"], pa.int32()),
         "pixels": pixels,
         "error": pa.array(out["error"], pa.string()), "stage": pa.array(out["stage"], pa.string()),
+        "encoded": encoded,
         "version": col("version", pa.string()), "base_key": col("base_key", pa.string()),
         "base_scores": col("base_scores", pa.list_(SCORE_TYPE)),
         "tokens": pa.array(tokens, pa.large_binary()), "tokens_dtype": pa.array(tok_dtype, pa.string()),

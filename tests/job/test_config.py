@@ -30,10 +30,10 @@ def load(tmp_path, data, **kw):
 
 def test_defaults_and_overrides(tmp_path):
     cfg = load(tmp_path, {"decode": {"batch_size": 8}},
-               overrides=parse_set(["inference.batch_size=64", "decode.jpeg_draft=true", "table.optimize_every=0"]))
+               overrides=parse_set(["inference.batch_size=64", "decode.mode=exact", "table.optimize_every=0"]))
     assert isinstance(cfg, JobConfig)
     assert cfg.decode.batch_size == 8 and cfg.inference.batch_size == 64
-    assert cfg.decode.jpeg_draft is True and cfg.table.optimize_every == 0
+    assert cfg.decode.mode == "exact" and cfg.table.optimize_every == 0
     assert cfg.input == (str(tmp_path),)
 
 
@@ -43,6 +43,10 @@ def test_defaults_and_overrides(tmp_path):
     ({"decode": {"batch_size": "8"}}, "decode.batch_size"),
     ({"decode": {"batch_size": 0}}, "decode.batch_size"),
     ({"decode": {"jpeg_draft": "yes"}}, "decode.jpeg_draft"),
+    ({"decode": {"jpeg_draft": True}}, "decode.jpeg_draft"),  # fast mode: draft has no meaning there
+    ({"decode": {"mode": "quick"}}, "decode.mode"),
+    ({"decode": {"device": "tpu"}}, "decode.device"),
+    ({"decode": {"device": "gpu", "mode": "exact"}}, "decode.device"),
     ({"inference": {"score_floor": 1.5}}, "inference.score_floor"),
     ({"inference": {"dtype": "int8"}}, "inference.dtype"),
     ({"inference": {"device": "tpu"}}, "inference.device"),
@@ -63,6 +67,21 @@ def test_bad_values_name_the_key(tmp_path, data, key):
 def test_typo_suggests_the_known_key(tmp_path):
     with pytest.raises(ConfigError, match=r"did you mean 'decode\.jpeg_draft'"):
         load(tmp_path, {"decode": {"jpeg_drafts": True}})
+
+
+def test_decode_limits_and_where_jpegs_decode(tmp_path):
+    from ramplus_core.preprocess import DecodeLimits
+
+    cfg = load(tmp_path, {"decode": {"max_pixels": 5000, "mode": "exact", "jpeg_draft": True}})
+    assert cfg.decode.limits() == DecodeLimits(max_bytes=cfg.decode.max_bytes, max_pixels=5000, mode="exact",
+                                               jpeg_draft=True)
+    assert load(tmp_path, {}).decode.limits() == DecodeLimits()  # the job's default is the library's default
+    auto, gpu, cpu = (load(tmp_path, {"decode": {"device": d}}).decode for d in ("auto", "gpu", "cpu"))
+    assert [auto.in_actor(d) for d in ("cuda", "cuda:1", "cpu", None)] == [True, True, False, False]
+    assert gpu.in_actor("cuda") and not cpu.in_actor("cuda")
+    assert not load(tmp_path, {"decode": {"mode": "exact"}}).decode.in_actor("cuda")  # exact: CPU tasks
+    with pytest.raises(ConfigError, match="decode.device: gpu needs GPU"):
+        gpu.in_actor("cpu")
 
 
 def test_uris_are_checked(tmp_path):

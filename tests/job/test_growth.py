@@ -12,7 +12,8 @@ import yaml
 from ramplus_core import RamPlus
 from ramplus_core.job import load_config, run
 from ramplus_core.job.vocab import build_vocabulary
-from ramplus_core.preprocess import DecodeLimits, decode, normalize
+from ramplus_core.job.config import DecodeConfig
+from ramplus_core.preprocess import decode, normalize
 
 from .conftest import CHECKPOINT, GOLDEN, job_config, table_rows
 from .test_incremental import tiny_jpeg
@@ -78,7 +79,7 @@ def test_added_tags_cost_only_the_delta_and_old_scores_are_copied(ray_local, tmp
     cfg2 = load_config(str(conf), inputs=[str(src)], output=str(out), checkpoint=str(CHECKPOINT), vocab=grown)
     vocab = build_vocabulary(cfg2.vocabulary, model.vocabulary)
     prepared = model.prepare_vocabulary(vocab)
-    limits = DecodeLimits()  # as the job decodes by default
+    limits = DecodeConfig().limits()  # as the job decodes by default (decode.mode: fast)
     for uri, row in new.items():
         got, before = scores(row), scores(old[uri])
         assert {t: got[t] for t in before} == before, "copied, not recomputed"

@@ -81,10 +81,11 @@ def check_run(output: str, storage: Storage, result, prefix: str, tmp_path, exp,
 
     # scores = sigmoid(RamPlus.logits) of the same bytes; tags = the golden expected tags
     from ramplus_core import RamPlus
-    from ramplus_core.preprocess import DecodeLimits, decode, normalize
+    from ramplus_core.job.config import DecodeConfig
+    from ramplus_core.preprocess import decode, normalize
 
     model = RamPlus.from_checkpoint(str(CHECKPOINT), device="cpu")
-    limits = DecodeLimits(max_bytes=MAX_BYTES)  # as the job decodes by default
+    limits = DecodeConfig(max_bytes=MAX_BYTES).limits()  # as the job decodes by default (decode.mode: fast)
     names = exp["tags"]
     thr = np.asarray(exp["thresholds"], dtype=np.float32)
     for r, row in rows.items():
