@@ -23,7 +23,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..errors import ConfigError
-from ..preprocess import DecodeLimits
 from .config import JobConfig
 from .inference import Tagger
 from .progress import progress_line
@@ -47,6 +46,8 @@ class Resources:
     torch_threads: Optional[int]
     decode_cpus: float
     decode_tasks: Optional[int]
+    #: JPEG bytes travel compressed to the actors and are decoded there (nvJPEG on a GPU)
+    decode_in_actor: bool = False
 
 
 def ensure_ray(cfg: JobConfig) -> bool:
@@ -93,7 +94,7 @@ def plan_resources(cfg: JobConfig) -> Resources:
         # only feeds its GPU, and torch's default (all cores) would fight the decode tasks.
         threads = max(1, int(cpus // actors)) if device == "cpu" else max(1, int(ic.num_cpus))
     return Resources(cpus, gpus, nodes, actors, gpa, ic.num_cpus, device, ic.dtype, threads,
-                cfg.decode.num_cpus, cfg.decode.tasks)
+                     cfg.decode.num_cpus, cfg.decode.tasks, cfg.decode.in_actor(device))
 
 
 def run_pipeline(cfg: JobConfig, storage: Storage, staging: str, files: list[str], plan: Resources,
@@ -105,15 +106,15 @@ def run_pipeline(cfg: JobConfig, storage: Storage, staging: str, files: list[str
     dctx.enable_progress_bars = cfg.ray.progress_bars
     dctx.execution_options.preserve_order = False
     pa_fs, _ = storage.pyarrow(join(staging, "plan"))
-    limits = DecodeLimits(max_bytes=cfg.decode.max_bytes, max_pixels=cfg.decode.max_pixels,
-                          jpeg_draft=cfg.decode.jpeg_draft)
+    limits = cfg.decode.limits()
     ds = ray.data.read_parquet(files, filesystem=pa_fs, num_cpus=0.25)
     ds = ds.repartition(target_num_rows_per_block=cfg.decode.batch_size)
     ds = ds.map_batches(
         load_inputs,
         batch_size=cfg.decode.batch_size,
         batch_format="pyarrow",
-        fn_kwargs={"storage": storage, "fetch": cfg.fetch, "limits": limits, "output_uri": cfg.output},
+        fn_kwargs={"storage": storage, "fetch": cfg.fetch, "limits": limits, "output_uri": cfg.output,
+                   "defer_jpeg": plan.decode_in_actor},
         num_cpus=plan.decode_cpus,
         compute=TaskPoolStrategy(size=plan.decode_tasks) if plan.decode_tasks else None,
         udf_modifying_row_count=False,
@@ -137,6 +138,7 @@ def run_pipeline(cfg: JobConfig, storage: Storage, staging: str, files: list[str
             "chunk_size": cfg.inference.chunk_size, "score_floor": cfg.inference.score_floor,
             "counter": counter, "keys": keys, "output_uri": cfg.output, "run_id": run_id,
             "cache_tokens": cfg.cache.image_tokens, "token_dtype": cfg.cache.token_dtype,
+            "decode_limits": limits if plan.decode_in_actor else None,
         },
         udf_modifying_row_count=False,
     )
@@ -188,8 +190,7 @@ def run_in_driver(cfg: JobConfig, storage: Storage, staging: str, files: list[st
     Same code as the Ray path, so the rows, receipts, token cache and verify are the same.
     """
     fs, _ = storage.pyarrow(join(staging, "plan"))
-    limits = DecodeLimits(max_bytes=cfg.decode.max_bytes, max_pixels=cfg.decode.max_pixels,
-                          jpeg_draft=cfg.decode.jpeg_draft)
+    limits = cfg.decode.limits()  # the driver has no GPU (runs_on_this_cpu): decoded in load_inputs
     tagger = Tagger(checkpoint=cfg.checkpoint, storage=storage, vocab_ref=arrays, names=model["names"],
                     thresholds=model["thresholds"], model_id=model["model_id"], vocab_id=model["vocab_id"],
                     device="cpu", dtype=cfg.inference.dtype, torch_threads=cfg.inference.torch_threads,

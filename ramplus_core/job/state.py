@@ -53,7 +53,7 @@ _KEY_FIELDS = {
     "": ("input", "output", "mode"),
     "storage": ("endpoint_url",),
     "listing": ("extensions",),
-    "decode": ("max_bytes", "max_pixels", "jpeg_draft"),
+    "decode": ("max_bytes", "max_pixels", "mode", "device", "jpeg_draft"),
     "inference": ("dtype", "score_floor"),
     "layout": ("shards",),
     "cache": ("image_tokens", "token_dtype"),
