@@ -280,23 +280,29 @@ def work_step(cfg: JobConfig, storage: Storage, rs: RunState, plan: pl.Plan, mod
         model.pop("arrays", None)
         timings["pipeline"] = 0.0
         return out
-    t = time.perf_counter()
-    ensure_model(cfg, storage, model, emit)
-    timings["model_load"] = time.perf_counter() - t
-    arrays = model.pop("arrays")
-    out["vocab_bytes"] = int(sum(a.nbytes for a in arrays.values()))
+    copy_only = bool(plan.need) and set(plan.need) == {"none"}
+    if not copy_only:
+        t = time.perf_counter()
+        ensure_model(cfg, storage, model, emit)
+        timings["model_load"] = time.perf_counter() - t
+    arrays = model.pop("arrays", None)
+    out["vocab_bytes"] = int(sum(a.nbytes for a in arrays.values())) if arrays else 0
     sink = ResultsSink(storage, rs.staging, run_id=rs.run_id, attempt=rs.attempt, model_id=model["model_id"],
                        vocab_id=model["vocab_id"], score_floor=cfg.inference.score_floor, shards=shards,
                        compression=cfg.layout.compression)
     sink.rows_per_file = cfg.layout.rows_per_file
     t = time.perf_counter()
-    if todo_rows <= cfg.inference.driver_max_images and pp.runs_on_this_cpu(cfg):
+    if copy_only or (todo_rows <= cfg.inference.driver_max_images and pp.runs_on_this_cpu(cfg)):
         out["in_driver"] = True
-        emit(f"{todo_rows} images to tag: in the driver (at most inference.driver_max_images = "
-             f"{cfg.inference.driver_max_images} on a machine without a cluster or GPU), no Ray pipeline")
+        if copy_only:
+            emit(f"{todo_rows} images keep their scores (tags removed or thresholds changed): re-decided in the "
+                 "driver, no model, no Ray")
+        else:
+            emit(f"{todo_rows} images to tag: in the driver (at most inference.driver_max_images = "
+                 f"{cfg.inference.driver_max_images} on a machine without a cluster or GPU), no Ray pipeline")
         try:
             out["snap"] = pp.run_in_driver(cfg, storage, rs.staging, todo, model, arrays, sink, plan.keys,
-                                           rs.run_id, todo_rows, emit)
+                                           rs.run_id, todo_rows, emit, model_needed=not copy_only)
         except Exception as e:  # noqa: BLE001 - recorded in the FAILED manifest, then re-raised
             out["error"] = scrubber.text(f"{type(e).__name__}: {last_line(e)}")
         timings["pipeline"] = time.perf_counter() - t
@@ -405,7 +411,7 @@ def run(cfg: JobConfig, emit: Callable[[str], None] = print) -> RunResult:
     step = _Step(cfg, scrubber)
     try:
         # everything that needs no checkpoint byte first: paths, vocabulary files, one real write
-        preflight(cfg, storage)
+        preflight(cfg, storage, checkpoint=False)  # checked by model_ids, after the write probe
         tb.refuse_legacy(storage, cfg.output)
         check_vocabulary(cfg.vocabulary)
         step.name = "write probe"

@@ -240,12 +240,16 @@ def join(uri: str, *parts: str) -> str:
     return "/".join([uri.rstrip("/")] + [p.strip("/") for p in parts])
 
 
-def preflight(cfg, storage: Storage) -> None:
-    """Cheap existence and access checks so a wrong path fails before listing or Ray start."""
+def preflight(cfg, storage: Storage, checkpoint: bool = True) -> None:
+    """Cheap existence and access checks so a wrong path fails before listing or Ray start.
+
+    `checkpoint` False: the job checks the checkpoint itself, after the vocabulary files and
+    a real write under the output (runner.run), so the cheaper mistakes are said first.
+    """
     for i, uri in enumerate(cfg.input):
         _check_readable(f"input[{i}]", uri, storage, want_dir=True)
     _check_output(cfg, storage)
-    if cfg.checkpoint:  # last: its error says where to get one, once the rest is known to be right
+    if cfg.checkpoint and checkpoint:  # last: its error says where to get one, once the rest is known to be right
         from ..release import GET_IT
 
         _check_readable("checkpoint", cfg.checkpoint, storage, want_dir=False, hint=GET_IT)
