@@ -89,9 +89,11 @@ class _Step:
             return OutputFull(self.scrubber.text(
                 f"step manifest: {where} is committed but its manifest could not be written because the disk or "
                 f"quota is full ({type(e).__name__}: {last_line(e)[:200]}); free space before the next run"))
+        state = (f"{where} did not finish its commit to" if self.name == "commit" else
+                 f"nothing of {where} was committed to")
         return OutputFull(self.scrubber.text(
             f"step {self.name}: a write failed because the disk or quota is full ({type(e).__name__}: "
-            f"{last_line(e)[:200]}); nothing of {where} was committed to {redact_uri(self.cfg.output)}: free "
+            f"{last_line(e)[:200]}); {state} {redact_uri(self.cfg.output)}: free "
             "space and start the job again with the same settings, and it resumes where it stopped"))
 
 
