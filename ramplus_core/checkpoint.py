@@ -321,3 +321,39 @@ def export_safetensors(model, path: str, dtype: torch.dtype | None = None) -> No
     tensors = {k: v.contiguous().cpu() for k, v in tensors.items()}
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, path, metadata={SAFETENSORS_CONFIG_KEY: model.config.to_json()})
+
+
+def read_label_embed(uri: str) -> tuple[torch.Tensor, int]:
+    """The vocabulary's description embeddings and descriptions per tag, nothing else.
+
+    A run whose model id is cached (job/model_ids.py) still needs the id of a vocabulary it
+    has not seen (tags removed, thresholds changed), and that id hashes these embeddings;
+    the 200M backbone weights it does not need. A memory-mapped .pth or a safetensors file
+    reads only this tensor's bytes, so this costs a fraction of `load`.
+    """
+    path, data = _read_bytes_or_path(str(uri))
+    meta: dict = {}
+    if path is not None:
+        with open(path, "rb") as f:
+            head = f.read(16)
+    if path is not None and _is_safetensors(head):
+        from safetensors import safe_open
+
+        try:
+            with safe_open(path, framework="pt") as f:
+                meta = f.metadata() or {}
+                label_embed = f.get_tensor("label_embed") if "label_embed" in f.keys() else None
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointError(f"{uri} is a corrupt or truncated safetensors checkpoint "
+                                  f"({' '.join(str(e).split())[:300]}); export or download it again.") from None
+    else:
+        raw, meta = read_raw(str(uri))
+        label_embed = raw.get("label_embed")
+    if label_embed is None:
+        raise CheckpointError(f"{uri}: no 'label_embed' tensor; this is not a RAM++ checkpoint")
+    d = ModelConfig.from_json(meta[SAFETENSORS_CONFIG_KEY]).descriptions_per_tag if SAFETENSORS_CONFIG_KEY in meta \
+        else ModelConfig().descriptions_per_tag
+    check_finite({"label_embed": label_embed}, str(uri))
+    if label_embed.ndim != 2 or label_embed.shape[0] % d:
+        raise CheckpointError(f"{uri}: label_embed has shape {tuple(label_embed.shape)}; expected [num_tags * {d}, width]")
+    return label_embed, d

@@ -153,12 +153,30 @@ def _check_embeddings(name: str, emb: np.ndarray, dim: int) -> np.ndarray:
     return emb
 
 
-def load_vocabulary(uri: str, builtin: Vocabulary, tower=None, cache=None) -> "VocabularyBuild":
-    """Parse, validate, encode what is new, and return the merged Vocabulary.
+def check_file(uri: str) -> list[str]:
+    """Validate a vocabulary file without a model; the URIs it refers to (imports, embeddings, text encoder).
 
-    `tower`: a loaded TextTower to use instead of the file's `text_encoder` (only needed when
-    some tag has no embeddings); `cache`: an EmbeddingCache instead of the file's `cache`.
+    The job runs this before it reads the checkpoint, so a wrong tag or a missing import fails
+    in a second, and it identifies the file's inputs for the id cache (job/model_ids.py).
+    Which built-in tags exist is checked later, against the checkpoint.
     """
+    doc, base = _read_doc(uri)
+    refs = []
+    for imp in doc.get("import") or []:
+        refs.append(_resolve(str(imp), base))
+        read_llm_descriptions(refs[-1])
+    for i, entry in enumerate(doc.get("tags") or []):
+        if _parse_tag(entry, i, base).embeddings is not None:
+            refs.append(_resolve(str(entry["embeddings"]), base))
+    if doc.get("text_encoder"):
+        refs.append(_resolve(str(doc["text_encoder"]), base))
+    return refs
+
+
+references = check_file
+
+
+def _read_doc(uri: str) -> tuple[dict, str]:
     text = _read_text(uri)
     try:
         doc = yaml.safe_load(text) or {}
@@ -169,7 +187,16 @@ def load_vocabulary(uri: str, builtin: Vocabulary, tower=None, cache=None) -> "V
     unknown = set(doc) - FILE_KEYS
     if unknown:
         raise VocabularyError(f"{uri}: unknown keys {sorted(unknown)}; allowed: {sorted(FILE_KEYS)}")
-    base = uri.rsplit("/", 1)[0] if "/" in uri else ""
+    return doc, (uri.rsplit("/", 1)[0] if "/" in uri else "")
+
+
+def load_vocabulary(uri: str, builtin: Vocabulary, tower=None, cache=None) -> "VocabularyBuild":
+    """Parse, validate, encode what is new, and return the merged Vocabulary.
+
+    `tower`: a loaded TextTower to use instead of the file's `text_encoder` (only needed when
+    some tag has no embeddings); `cache`: an EmbeddingCache instead of the file's `cache`.
+    """
+    doc, base = _read_doc(uri)
 
     sel = doc.get("builtin", "all")
     if sel == "all":

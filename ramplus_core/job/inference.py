@@ -90,7 +90,7 @@ class Tagger:
                  model_id: str, vocab_id: str, device: str, dtype: str, torch_threads: Optional[int],
                  chunk_size: int, score_floor: float, counter=None, keys: Optional[dict] = None,
                  output_uri: Optional[str] = None, run_id: Optional[str] = None, cache_tokens: bool = False,
-                 token_dtype: str = "fp16", decode_limits=None):
+                 token_dtype: str = "fp16", decode_limits=None, model_needed: bool = True):
         t0 = time.perf_counter()
         import ray
         import torch
@@ -99,6 +99,10 @@ class Tagger:
         from ..model import RamPlus
         from ..vocabulary import Vocabulary
 
+        self.thresholds = np.asarray(thresholds, dtype=np.float32)
+        if not model_needed:
+            self._copy_only(names, score_floor, counter, keys, model_id, t0)
+            return
         if torch_threads:
             torch.set_num_threads(torch_threads)
         arrays = ray.get(vocab_ref) if isinstance(vocab_ref, ray.ObjectRef) else vocab_ref
@@ -283,6 +287,28 @@ class Tagger:
             self.work = _zero_work()
         return out
 
+    def _copy_only(self, names, score_floor, counter, keys, model_id, t0) -> None:
+        """A Tagger without a model, for a plan whose every row copies its scores (`need` none).
+
+        Removing tags or changing thresholds re-decides committed scores; loading the model
+        (minutes for the release) for that would be waste. A row that needs the model here
+        becomes an internal error row (the plan never sends one).
+        """
+        if any(len(spec["compute"]) for spec in (keys or {}).values()):
+            raise ValueError("internal: a copy-only Tagger was given tags to compute")
+        self.model, self.prepare_calls, self.infer_s = None, 0, 0.0
+        self.names = list(names)
+        self.names_arrow = pa.array(self.names, pa.string())
+        self.score_floor, self.counter, self.model_id = score_floor, counter, model_id
+        self.storage = self.output_uri = self.run_id = None
+        self.cache_tokens, self.decode_limits = False, None
+        self.keys = {}
+        for key, spec in (keys or {}).items():
+            self.keys[key] = {"compute": np.zeros(0, dtype=np.int64), "copy": np.ones(len(self.names), dtype=bool),
+                              "prepared": None}
+        self.work = _zero_work()
+        self.info = {"pid": os.getpid(), "device": None, "model": False, "load_s": round(time.perf_counter() - t0, 4)}
+
     def _each(self, fn, x) -> tuple[list, list]:
         """fn over the whole batch; if it fails, one row at a time so one bad input costs one row."""
         try:
@@ -371,7 +397,7 @@ class Tagger:
         Scores keep every tag at or over the floor plus every tag that is on, so `tags` is
         always a subset of `scores`; both are sorted by score, highest first.
         """
-        thr = self.model.vocabulary.thresholds
+        thr = self.thresholds
         p = np.where(is_err[:, None], 0.0, probs)
         on = (p > thr[None, :]) & ~is_err[:, None]
         keep = ((p >= self.score_floor) | on) & ~is_err[:, None]

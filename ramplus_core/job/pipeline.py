@@ -184,10 +184,11 @@ class _Ctx:
 
 
 def run_in_driver(cfg: JobConfig, storage: Storage, staging: str, files: list[str], model: dict, arrays: dict,
-                  sink: ResultsSink, keys: dict, run_id: str, total: int, emit) -> dict:
+                  sink: ResultsSink, keys: dict, run_id: str, total: int, emit, model_needed: bool = True) -> dict:
     """The pipeline's steps in this process: load_inputs -> Tagger -> the datasink's write.
 
     Same code as the Ray path, so the rows, receipts, token cache and verify are the same.
+    `model_needed` False: every row copies its scores, so the Tagger loads no model.
     """
     fs, _ = storage.pyarrow(join(staging, "plan"))
     limits = cfg.decode.limits()  # the driver has no GPU (runs_on_this_cpu): decoded in load_inputs
@@ -196,7 +197,7 @@ def run_in_driver(cfg: JobConfig, storage: Storage, staging: str, files: list[st
                     device="cpu", dtype=cfg.inference.dtype, torch_threads=cfg.inference.torch_threads,
                     chunk_size=cfg.inference.chunk_size, score_floor=cfg.inference.score_floor, counter=None,
                     keys=keys, output_uri=cfg.output, run_id=run_id, cache_tokens=cfg.cache.image_tokens,
-                    token_dtype=cfg.cache.token_dtype)
+                    token_dtype=cfg.cache.token_dtype, model_needed=model_needed)
     snap = {"tagged": 0, "errors": 0, "by_stage": {}, "actors": [tagger.info], "prepare_calls": 0, "infer_s": 0.0,
             "first": None, "first_n": 0, "last": None}
     buf: list = []

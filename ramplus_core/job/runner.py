@@ -25,9 +25,11 @@ from typing import Callable, Optional
 import numpy as np
 
 from ..errors import CheckpointError, ConfigError, RamPlusError
+from ..release import GET_IT
 from . import commit as cm
 from . import index as ix
 from . import manifest as mf
+from . import model_ids as mi
 from . import pipeline as pp
 from . import plan as pl
 from . import table as tb
@@ -38,8 +40,8 @@ from .progress import ProgressCounter, ProgressReporter, progress_line, steady_r
 from .schemas import ERRORS_SCHEMA, TAGS_SCHEMA
 from .scrub import Scrubber
 from .state import RunState, open_run, resume_key
-from .storage import Storage, join, last_line, local_path, preflight, to_uri
-from .vocab import build_vocabulary, descriptor, load_descriptor, save_descriptor
+from .storage import Storage, join, last_line, local_path, preflight, probe_write, to_uri
+from .vocab import build_vocabulary, check_vocabulary, descriptor, load_descriptor, save_descriptor
 from .writer import ResultsSink
 
 # exit codes of jobs/tag_bucket.py for what a caller may want to tell apart
@@ -56,6 +58,43 @@ class JobFailed(RamPlusError):
 
 class CommitConflict(JobFailed):
     """Another run kept committing to the same tables; nothing of this run is lost (resume)."""
+
+
+class OutputFull(JobFailed):
+    """A write failed for want of space (or quota): said with the step that wrote, and that a re-run resumes."""
+
+
+_FULL = ("no space left on device", "disk quota exceeded", "file too large", "os error 28", "errno 28",
+         "os error 122", "errno 122", "os error 27", "errno 27")
+
+
+def out_of_space(e: BaseException) -> bool:
+    """ENOSPC, EDQUOT or EFBIG, raised by Python, pyarrow (errno in the text) or delta-rs (`os error 28`)."""
+    import errno
+
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return True
+    return any(k in str(e).lower() for k in _FULL)
+
+
+class _Step:
+    """The step that is writing now, so a full disk is reported with what failed first."""
+
+    def __init__(self, cfg: JobConfig, scrubber: Scrubber):
+        self.cfg, self.scrubber, self.name, self.run_id = cfg, scrubber, "preflight", None
+
+    def full(self, e: BaseException) -> OutputFull:
+        where = f"run {self.run_id}" if self.run_id else "the run"
+        if self.name == "manifest":
+            return OutputFull(self.scrubber.text(
+                f"step manifest: {where} is committed but its manifest could not be written because the disk or "
+                f"quota is full ({type(e).__name__}: {last_line(e)[:200]}); free space before the next run"))
+        state = (f"{where} did not finish its commit to" if self.name == "commit" else
+                 f"nothing of {where} was committed to")
+        return OutputFull(self.scrubber.text(
+            f"step {self.name}: a write failed because the disk or quota is full ({type(e).__name__}: "
+            f"{last_line(e)[:200]}); {state} {redact_uri(self.cfg.output)}: free "
+            "space and start the job again with the same settings, and it resumes where it stopped"))
 
 
 @dataclass
@@ -75,7 +114,7 @@ def load_model_once(cfg: JobConfig, storage: Storage):
     try:
         path = materialize_checkpoint(cfg.checkpoint, storage)
     except FileNotFoundError:
-        raise CheckpointError(f"checkpoint: {redact_uri(cfg.checkpoint)} does not exist") from None
+        raise CheckpointError(f"checkpoint: {redact_uri(cfg.checkpoint)} does not exist. {GET_IT}") from None
     except CheckpointError:
         raise
     except Exception as e:  # noqa: BLE001 - download errors of any client
@@ -92,7 +131,89 @@ def load_model_once(cfg: JobConfig, storage: Storage):
         "arrays": prepared.to_numpy(),
         "descriptions_per_tag": int(vocab.embeds.shape[1]),
         "descriptor": descriptor(vocab, vocab_id),
+        "checkpoint_descriptions_per_tag": int(model.config.descriptions_per_tag),
+        "model_loaded": True,
+        "ids_from": "checkpoint",
     }
+
+
+def model_ids(cfg: JobConfig, storage: Storage, emit) -> dict:
+    """The run's model and vocabulary ids; from the id cache when the files are unchanged (model_ids.py).
+
+    Cached ids and a descriptor in `_vocab/`: no checkpoint byte is read beyond 1 MiB. A
+    cached model id with a vocabulary not seen before (tags removed, thresholds changed):
+    only the checkpoint's label_embed is read. Otherwise the model is loaded as before, and
+    its arrays are kept for the work. Without the arrays, `ensure_model` loads it if the
+    plan has work.
+    """
+    from ..checkpoint import read_label_embed
+    from ..vocabulary import Vocabulary
+
+    ident = mi.checkpoint_identity(cfg.checkpoint, storage)
+    vident = mi.vocabulary_identity(cfg.vocabulary, storage)
+    ck_key, v_key = mi.IdCache.keys(ident, vident)
+    cache = mi.IdCache.load(storage, cfg.output)
+    hit, vhit = cache.model(ck_key), cache.vocab(v_key)
+    if hit and vhit and vhit.get("model_id") == hit["model_id"]:
+        desc = load_descriptor(storage, cfg.output, vhit["vocab_id"])
+        if desc and desc.get("vocab_id") == vhit["vocab_id"]:
+            return {"model_id": hit["model_id"], "vocab_id": vhit["vocab_id"], "names": list(desc["names"]),
+                    "thresholds": np.asarray(desc["thresholds"], dtype=np.float32),
+                    "descriptions_per_tag": int(vhit.get("descriptions_per_tag", hit["descriptions_per_tag"])),
+                    "descriptor": desc, "model_loaded": False, "ids_from": "cache", "cache_keys": (ck_key, v_key)}
+    if hit:
+        path = _checkpoint_path(cfg, storage)
+        label_embed, d = read_label_embed(path)
+        vocab = build_vocabulary(cfg.vocabulary, Vocabulary.from_label_embed(label_embed, d))
+        vocab_id = vocab.content_id()
+        cache.put(ck_key, v_key, hit["model_id"], d, vocab_id, int(vocab.embeds.shape[1]), cfg.checkpoint)
+        cache.save()
+        return {"model_id": hit["model_id"], "vocab_id": vocab_id, "names": list(vocab.names),
+                "thresholds": np.asarray(vocab.thresholds, dtype=np.float32),
+                "descriptions_per_tag": int(vocab.embeds.shape[1]), "descriptor": descriptor(vocab, vocab_id),
+                "model_loaded": False, "ids_from": "cached model_id, vocabulary from label_embed",
+                "cache_keys": (ck_key, v_key)}
+    model = load_model_once(cfg, storage)
+    cache.put(ck_key, v_key, model["model_id"], _checkpoint_d(model), model["vocab_id"],
+              model["descriptions_per_tag"], cfg.checkpoint)
+    cache.save()
+    model["cache_keys"] = (ck_key, v_key)
+    return model
+
+
+def _checkpoint_d(model: dict) -> int:
+    return int(model.pop("checkpoint_descriptions_per_tag", model["descriptions_per_tag"]))
+
+
+def _checkpoint_path(cfg: JobConfig, storage: Storage) -> str:
+    try:
+        return materialize_checkpoint(cfg.checkpoint, storage)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint: {redact_uri(cfg.checkpoint)} does not exist. {GET_IT}") from None
+
+
+def ensure_model(cfg: JobConfig, storage: Storage, model: dict, emit) -> dict:
+    """Load the model for work planned with cached ids, and check that the ids were right.
+
+    A cached id can only be wrong if the checkpoint changed while its size, mtime and
+    sampled bytes (or its ETag) did not; then the cache is corrected and the run stops
+    before anything is written with the wrong id.
+    """
+    if "arrays" in model:
+        return model
+    t = time.perf_counter()
+    full = load_model_once(cfg, storage)
+    if (full["model_id"], full["vocab_id"]) != (model["model_id"], model["vocab_id"]):
+        ck_key, v_key = model["cache_keys"]
+        cache = mi.IdCache.load(storage, cfg.output)
+        cache.put(ck_key, v_key, full["model_id"], _checkpoint_d(full), full["vocab_id"],
+                  full["descriptions_per_tag"], cfg.checkpoint)
+        cache.save()
+        raise JobFailed(f"checkpoint: {redact_uri(cfg.checkpoint)} changed without a change of size, mtime or ETag, "
+                        f"so the cached ids were wrong; they are corrected now: start the job again")
+    model.update(arrays=full["arrays"], model_loaded=True)
+    emit(f"model loaded for the work ({time.perf_counter() - t:.1f}s)")
+    return model
 
 
 def open_tables(cfg: JobConfig, storage: Storage) -> dict:
@@ -155,25 +276,35 @@ def work_step(cfg: JobConfig, storage: Storage, rs: RunState, plan: pl.Plan, mod
     todo_rows = plan.work - kept_rows
     if kept_rows:
         emit(f"resume: {kept_rows} images done by earlier attempts, {todo_rows} left")
-    arrays = model.pop("arrays")
     out: dict = {"snap": {"actors": [], "prepare_calls": 0}, "error": None, "started_ray": False, "resources": None,
-                 "in_driver": False, "kept_rows": kept_rows, "vocab_bytes": int(sum(a.nbytes for a in arrays.values())),
-                 "started_at": time.time()}
+                 "in_driver": False, "kept_rows": kept_rows, "vocab_bytes": 0, "started_at": time.time()}
+    if todo_rows <= 0:  # nothing to tag: no model, no Ray (the commit still applies the deletions)
+        model.pop("arrays", None)
+        timings["pipeline"] = 0.0
+        return out
+    copy_only = bool(plan.need) and set(plan.need) == {"none"}
+    if not copy_only:
+        t = time.perf_counter()
+        ensure_model(cfg, storage, model, emit)
+        timings["model_load"] = time.perf_counter() - t
+    arrays = model.pop("arrays", None)
+    out["vocab_bytes"] = int(sum(a.nbytes for a in arrays.values())) if arrays else 0
     sink = ResultsSink(storage, rs.staging, run_id=rs.run_id, attempt=rs.attempt, model_id=model["model_id"],
                        vocab_id=model["vocab_id"], score_floor=cfg.inference.score_floor, shards=shards,
                        compression=cfg.layout.compression)
     sink.rows_per_file = cfg.layout.rows_per_file
     t = time.perf_counter()
-    if todo_rows <= 0:
-        timings["pipeline"] = 0.0
-        return out
-    if todo_rows <= cfg.inference.driver_max_images and pp.runs_on_this_cpu(cfg):
+    if copy_only or (todo_rows <= cfg.inference.driver_max_images and pp.runs_on_this_cpu(cfg)):
         out["in_driver"] = True
-        emit(f"{todo_rows} images to tag: in the driver (at most inference.driver_max_images = "
-             f"{cfg.inference.driver_max_images} on a machine without a cluster or GPU), no Ray pipeline")
+        if copy_only:
+            emit(f"{todo_rows} images keep their scores (tags removed or thresholds changed): re-decided in the "
+                 "driver, no model, no Ray")
+        else:
+            emit(f"{todo_rows} images to tag: in the driver (at most inference.driver_max_images = "
+                 f"{cfg.inference.driver_max_images} on a machine without a cluster or GPU), no Ray pipeline")
         try:
             out["snap"] = pp.run_in_driver(cfg, storage, rs.staging, todo, model, arrays, sink, plan.keys,
-                                           rs.run_id, todo_rows, emit)
+                                           rs.run_id, todo_rows, emit, model_needed=not copy_only)
         except Exception as e:  # noqa: BLE001 - recorded in the FAILED manifest, then re-raised
             out["error"] = scrubber.text(f"{type(e).__name__}: {last_line(e)}")
         timings["pipeline"] = time.perf_counter() - t
@@ -279,28 +410,46 @@ def run(cfg: JobConfig, emit: Callable[[str], None] = print) -> RunResult:
     storage = Storage.from_config(cfg.storage)
     scrubber = Scrubber.for_run(cfg, storage)
     emit = scrubber.emit(emit)
-    preflight(cfg, storage)
-    tb.refuse_legacy(storage, cfg.output)
-
-    t = time.perf_counter()
-    model = load_model_once(cfg, storage)
-    timings["checkpoint"] = time.perf_counter() - t
-    emit(f"checkpoint ok: model_id {model['model_id']}, {len(model['names'])} tags, vocab_id {model['vocab_id']} "
-         f"({timings['checkpoint']:.1f}s)")
-    tables = open_tables(cfg, storage)
-
-    rs = open_run(storage, cfg, resume_key(cfg, model["model_id"], model["vocab_id"]), started_at, emit)
-    rs.start_heartbeat()
+    step = _Step(cfg, scrubber)
     try:
-        return _run(cfg, emit, storage, model, rs, timings, t_start, scrubber, tables["shards"])
-    finally:
-        rs.stop_heartbeat()
+        # everything that needs no checkpoint byte first: paths, vocabulary files, one real write
+        preflight(cfg, storage, checkpoint=False)  # checked by model_ids, after the write probe
+        tb.refuse_legacy(storage, cfg.output)
+        check_vocabulary(cfg.vocabulary)
+        step.name = "write probe"
+        probe_write(storage, cfg.output)
+
+        step.name = "checkpoint"
+        t = time.perf_counter()
+        model = model_ids(cfg, storage, emit)
+        timings["checkpoint"] = time.perf_counter() - t
+        how = "loaded" if model["model_loaded"] else f"not loaded, ids from the {model['ids_from']}"
+        emit(f"checkpoint ok ({how}): model_id {model['model_id']}, {len(model['names'])} tags, "
+             f"vocab_id {model['vocab_id']} ({timings['checkpoint']:.1f}s)")
+        step.name = "open tables"
+        tables = open_tables(cfg, storage)
+
+        step.name = "open run"
+        rs = open_run(storage, cfg, resume_key(cfg, model["model_id"], model["vocab_id"]), started_at, emit)
+        step.run_id = rs.run_id
+        rs.start_heartbeat()
+        try:
+            return _run(cfg, emit, storage, model, rs, timings, t_start, scrubber, tables["shards"], step)
+        finally:
+            rs.stop_heartbeat()
+    except OutputFull:
+        raise
+    except Exception as e:
+        if out_of_space(e):
+            raise step.full(e) from None
+        raise
 
 
 def _run(cfg: JobConfig, emit, storage: Storage, model: dict, rs: RunState, timings: dict, t_start: float,
-         scrubber: Scrubber, shards: int) -> RunResult:
+         scrubber: Scrubber, shards: int, step: _Step) -> RunResult:
     emit(f"run {rs.run_id}: {len(cfg.input)} input(s) -> {redact_uri(cfg.output)} (storage: {storage.describe()}, "
          f"mode {cfg.mode})")
+    step.name = "listing"
     t = time.perf_counter()
     listing = list_step(cfg, storage, rs, scrubber, emit)
     timings["listing"] = time.perf_counter() - t
@@ -308,6 +457,7 @@ def _run(cfg: JobConfig, emit, storage: Storage, model: dict, rs: RunState, timi
     emit(f"listed {listing.listed} images ({listing.skipped} other objects skipped{not_regular}) "
          f"in {timings['listing']:.1f}s")
 
+    step.name = "plan"
     t = time.perf_counter()
     plan = plan_step(cfg, storage, rs, listing, model)
     timings["plan"] = time.perf_counter() - t
@@ -316,9 +466,13 @@ def _run(cfg: JobConfig, emit, storage: Storage, model: dict, rs: RunState, timi
          f"grown, {c['retagged']} retagged), {c['skipped']} already done, {c['deleted']} deleted "
          f"({timings['plan']:.1f}s)")
 
+    step.name = "work"
     work = work_step(cfg, storage, rs, plan, model, shards, scrubber, emit, timings)
     snap = work["snap"]
+    if work["error"] is not None and out_of_space(RuntimeError(work["error"])):
+        raise step.full(RuntimeError(work["error"]))
 
+    step.name = "verify"
     t = time.perf_counter()
     if work["error"] is None:
         check = cm.verify(rs, listing, plan)
@@ -339,6 +493,7 @@ def _run(cfg: JobConfig, emit, storage: Storage, model: dict, rs: RunState, timi
         raise JobFailed(f"run {rs.run_id} not committed: {check['detail']} (details in {redact_uri(uri)}); "
                         "start it again with the same settings to resume", uri)
 
+    step.name = "commit"
     t = time.perf_counter()
     try:
         manifest["tables"] = commit_step(cfg, storage, rs, plan, model, check, scrubber)
@@ -355,6 +510,7 @@ def _run(cfg: JobConfig, emit, storage: Storage, model: dict, rs: RunState, timi
     manifest["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
     manifest = scrubber.obj(manifest)
     summary = summary_table(manifest)
+    step.name = "manifest"
     uri = mf.commit(storage, cfg.output, rs.run_id, manifest)
     rs.stop_heartbeat()
     mf.clear_failed(storage, cfg.output, rs.run_id)  # an earlier attempt that failed is now superseded
@@ -391,6 +547,9 @@ def _manifest(cfg: JobConfig, rs: RunState, model: dict, listing: ListingResult,
         "mode": cfg.mode,
         "model_id": model["model_id"],
         "vocab_id": model["vocab_id"],
+        # False when the plan left nothing to tag: the ids came from the id cache (model_ids.py)
+        "model_loaded": bool(model.get("model_loaded")),
+        "ids_from": model.get("ids_from"),
         "vocabulary": {"tags": len(model["names"]), "descriptions_per_tag": model["descriptions_per_tag"],
                        "object_bytes": work["vocab_bytes"],
                        "file": redact_uri(cfg.vocabulary.file) if cfg.vocabulary.file else None,

@@ -240,16 +240,29 @@ def join(uri: str, *parts: str) -> str:
     return "/".join([uri.rstrip("/")] + [p.strip("/") for p in parts])
 
 
-def preflight(cfg, storage: Storage) -> None:
-    """Cheap existence and access checks so a wrong path fails before listing or Ray start."""
+def preflight(cfg, storage: Storage, checkpoint: bool = True) -> None:
+    """Cheap existence and access checks so a wrong path fails before listing or Ray start.
+
+    `checkpoint` False: the job checks the checkpoint itself, after the vocabulary files and
+    a real write under the output (runner.run), so the cheaper mistakes are said first.
+    """
     for i, uri in enumerate(cfg.input):
         _check_readable(f"input[{i}]", uri, storage, want_dir=True)
-    if cfg.checkpoint:
-        _check_readable("checkpoint", cfg.checkpoint, storage, want_dir=False)
+    _check_output(cfg, storage)
+    if cfg.checkpoint and checkpoint:  # last: its error says where to get one, once the rest is known to be right
+        from ..release import GET_IT
+
+        _check_readable("checkpoint", cfg.checkpoint, storage, want_dir=False, hint=GET_IT)
+
+
+def _check_output(cfg, storage: Storage) -> None:
     if cfg.output and uri_scheme(cfg.output) == "file":
         parent = Path(local_path(cfg.output))
         while not parent.exists():
             parent = parent.parent
+        if not parent.is_dir():
+            raise ConfigError(f"output: {cfg.output} cannot be a folder because {parent} is a file; "
+                              "choose another output or move that file")
         if not os.access(parent, os.W_OK):
             raise ConfigError(f"output: {cfg.output} is not writable (no write permission on {parent})")
     elif cfg.output and uri_scheme(cfg.output) in _S3_SCHEMES:
@@ -258,14 +271,15 @@ def preflight(cfg, storage: Storage) -> None:
         _s3_call("output", cfg.output, lambda: _s3_probe(fs, path.split("/", 1)[0]), storage)
 
 
-def _check_readable(key: str, uri: str, storage: Storage, want_dir: bool) -> None:
+def _check_readable(key: str, uri: str, storage: Storage, want_dir: bool, hint: str = "") -> None:
     scheme = uri_scheme(uri)
+    hint = f". {hint}" if hint else ""
     if scheme == "file":
         p = Path(local_path(uri))
         if not p.exists():
-            raise ConfigError(f"{key}: {uri} does not exist")
+            raise ConfigError(f"{key}: {uri} does not exist{hint}")
         if not want_dir and not p.is_file():
-            raise ConfigError(f"{key}: {uri} is not a file")
+            raise ConfigError(f"{key}: {uri} is not a file{hint}")
         if not os.access(p, os.R_OK):
             raise ConfigError(f"{key}: {uri} is not readable (permission denied)")
         return
@@ -283,7 +297,7 @@ def _check_readable(key: str, uri: str, storage: Storage, want_dir: bool) -> Non
         def probe():
             if not fs.isfile(path):
                 raise FileNotFoundError(path)
-    _s3_call(key, uri, probe, storage)
+    _s3_call(key, uri, probe, storage, hint)
 
 
 def _s3_probe(fs, path: str) -> bool:
@@ -308,13 +322,13 @@ def _s3_probe(fs, path: str) -> bool:
     return bool(key) and fs.isfile(path)
 
 
-def _s3_call(key: str, uri: str, fn, storage: Optional[Storage] = None) -> None:
+def _s3_call(key: str, uri: str, fn, storage: Optional[Storage] = None, hint: str = "") -> None:
     where = redact_uri(uri)
     secrets = storage.secrets() if storage is not None else ()
     try:
         fn()
     except FileNotFoundError:
-        raise ConfigError(f"{key}: {where} does not exist (no such bucket, prefix or object)") from None
+        raise ConfigError(f"{key}: {where} does not exist (no such bucket, prefix or object){hint}") from None
     except PermissionError as e:
         raise ConfigError(f"{key}: access to {where} was refused ({scrub(_first_line(e), secrets)}); check the keys "
                           "(storage.* or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY)") from None
@@ -343,3 +357,36 @@ def _s3_sync(fs, method: str, **kwargs):
         return await getattr(client, method)(**kwargs)
 
     return sync(fs.loop, call)
+
+
+def probe_write(storage: Storage, output: str) -> None:
+    """Write and delete one small object under the output, before the checkpoint is read.
+
+    Permission bits say little on network mounts, read-only mounts or object stores; one
+    real write says whether the run's results could be written at all, in a second, instead
+    of after the model has loaded and the images are tagged.
+    """
+    import uuid
+
+    from .manifest import put_bytes
+
+    uri = join(output, "_cache", f".write-probe-{uuid.uuid4().hex[:12]}")
+    created = []  # local folders this probe makes, removed again: a refused run leaves nothing behind
+    if uri_scheme(output) == "file":
+        d = Path(local_path(uri)).parent
+        while not d.exists():
+            created.append(d)
+            d = d.parent
+    try:
+        put_bytes(storage, uri, b"ok")
+        fs, path = storage.pyarrow(uri)
+        fs.delete_file(path)
+        for d in created:
+            try:
+                d.rmdir()  # only if empty: another process may have started using it
+            except OSError:
+                break
+    except Exception as e:  # noqa: BLE001 - any store's refusal, said in one line
+        raise ConfigError(storage.scrub(
+            f"output: cannot write under {redact_uri(output)} ({type(e).__name__}: {_first_line(e)[:200]}); "
+            "check its permissions and free space, then start the job again")) from None

@@ -111,6 +111,25 @@ def select_vocabulary(vocab, vc: VocabularyConfig):
                       embeds=vocab.embeds[t], mask=vocab.mask[t])
 
 
+def check_vocabulary(vc: VocabularyConfig) -> None:
+    """Read and check the vocabulary settings' files before any checkpoint byte is read.
+
+    A typo in a tags file or a malformed vocabulary file then fails in a second rather than
+    after a model load; whether named built-in tags exist is known only from the checkpoint.
+    """
+    if vc.tags_file:
+        _read_lines("vocabulary.tags_file", vc.tags_file)
+    if vc.thresholds_file:
+        _read_thresholds(vc.thresholds_file)
+    if vc.file:
+        from ..vocab_file import check_file
+
+        try:
+            check_file(vc.file)
+        except VocabularyError as e:
+            raise VocabularyError(f"vocabulary.file {vc.file}: {e}") from None
+
+
 def build_vocabulary(vc: VocabularyConfig, builtin):
     """The run's vocabulary from the checkpoint's built-in one and the settings (see above)."""
     vocab = builtin
