@@ -99,7 +99,12 @@ def stand_in_class():
     the progress counter is told. The model's own input step (uint8 -> normalised float, which
     a GPU does on the device) is skipped with the model.
     """
+    from ray import cloudpickle
+
     from ramplus_core.job.inference import Tagger, _process_start
+
+    if __name__ != "__main__":  # imported (tests): Ray's workers cannot import this file, so ship it by value
+        cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
     class StandInTagger(Tagger):
         def __init__(self, **kw):
@@ -151,7 +156,9 @@ def listed_rows(uri: str, storage, batch: int) -> list:
 
 
 def _pool_init() -> None:
-    import ramplus_core.job.work  # noqa: F401 - imports (torch, pyarrow) before the clock starts
+    import importlib
+
+    importlib.import_module("ramplus_core.job.work")  # imports (torch, pyarrow) before the clock starts
 
 
 def _pool_task(batch, kwargs) -> int:
@@ -254,12 +261,18 @@ def stages(m: dict) -> dict:
     out["decode_busy"] = dec["wall_s"] if dec else None
     out["decode_tasks"] = dec["tasks"] if dec else None
     out["infer_busy"] = inf["wall_s"] if inf else None
+    # CPU-seconds per stage: on a busy node every stage's task time is taken from the decode
+    out["other_busy"] = sum(s["wall_s"] or 0.0 for k, s in ps.items() if s is not dec)
+    out["busy_by_stage"] = {k: s["wall_s"] for k, s in ps.items()}
+    out["cpu_by_stage"] = {k: s["cpu_s"] for k, s in ps.items()}
     out["last_batch"] = inf["end_s"] if inf else ev.get("last_batch_done")
     n = m["counts"]["tagged"] + m["counts"]["errors"]
     out["images"] = n
     out["errors"] = m["counts"]["errors"]
     stream_s = (out["last_batch"] - out["first_decode"]) if dec and out["last_batch"] else None
     out["stream_rate"] = n / stream_s if stream_s else 0.0
+    out["decode_rate"] = n / out["decode_span"] if dec and out["decode_span"] else 0.0
+    out["tail"] = (out["last_batch"] - dec["end_s"]) if dec and out["last_batch"] else None
     out["pipeline_rate"] = n / t["pipeline"]
     out["run_rate"] = n / t["total"]
     out["steady_rate"] = m["steady_images_per_s"]
@@ -359,21 +372,27 @@ def main(argv=None) -> int:
              f"{load0[0]:.2f}, after {os.getloadavg()[0]:.2f}; ray {ray.__version__}; medians of {args.repeats} "
              f"interleaved repeats; zero-cost stand-in model; decode.batch_size = inference.batch_size = {args.batch}.",
              "",
-             "| case | images | decode-only, pool (img/s) | decode-only, Ray Data (img/s) | job stream (img/s) | "
-             "**stream / pool** | job pipeline (img/s) | pipeline / pool | whole run (img/s) |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| case | images | decode-only, pool | decode-only, Ray Data | job: decode stage | **decode stage / pool** "
+             "| job: stream | stream / pool | job: first to last batch | job: pipeline | pipeline / pool | "
+             "job: whole run |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for label, *_ in cases:
         r = results[label]
         j = r["job"]
         pool_r, rd = med(r["pool"]), med(r["raydata"])
-        st, pl, rn = med([x["stream_rate"] for x in j]), med([x["pipeline_rate"] for x in j]), med([x["run_rate"] for x in j])
-        lines.append(f"| {label} | {j[0]['images']} | {pool_r:.0f} | {rd:.0f} | {st:.0f} | **{st / pool_r:.2f}** | "
-                     f"{pl:.0f} | {pl / pool_r:.2f} | {rn:.1f} |")
+        dr, st = med([x["decode_rate"] for x in j]), med([x["stream_rate"] for x in j])
+        sd, pl, rn = (med([x[k] for x in j]) for k in ("steady_rate", "pipeline_rate", "run_rate"))
+        lines.append(f"| {label} | {j[0]['images']} | {pool_r:.0f} | {rd:.0f} | {dr:.0f} | **{dr / pool_r:.2f}** | "
+                     f"{st:.0f} | {st / pool_r:.2f} | {sd:.0f} | {pl:.0f} | {pl / pool_r:.2f} | {rn:.1f} |")
+    lines += ["", "(images/s; decode stage: images / (last - first decode task); stream: images / (last inference "
+              "batch - first decode task); first to last batch: the manifest's steady_images_per_s; pipeline: "
+              "images / the pipeline step incl. Ray Data and actor start; whole run: images / run())"]
     lines += ["", "Where a run's time goes (seconds, medians; stages of the pipeline from Ray Data's stats, "
               "relative to the pipeline's start):", "",
               "| case | checkpoint ids | listing | plan | pipeline | of which: first decode starts | actor ready | "
-              "decode span | decode busy (task-s) | inference busy | verify | commit + upkeep | total |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+              "decode span | last decode to last batch | decode busy (task-s) | other stages busy (task-s) | verify | "
+              "commit + upkeep | total |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for label, *_ in cases:
         j = results[label]["job"]
 
@@ -381,9 +400,14 @@ def main(argv=None) -> int:
             return format(med([x[k] for x in j]), fmt)
 
         lines.append(f"| {label} | {f('checkpoint')} | {f('listing')} | {f('plan')} | {f('pipeline')} | "
-                     f"{f('first_decode')} | {f('actor_ready')} | {f('decode_span')} | {f('decode_busy')} | "
-                     f"{f('infer_busy')} | {f('verify')} | "
+                     f"{f('first_decode')} | {f('actor_ready')} | {f('decode_span')} | {f('tail')} | "
+                     f"{f('decode_busy')} | {f('other_busy')} | {f('verify')} | "
                      f"{med([x['commit'] + x['upkeep'] for x in j]):.2f} | {f('total')} |")
+    lines += ["", "Busy task-seconds per stage (medians):", ""]
+    for label, *_ in cases:
+        j = results[label]["job"]
+        names = list(j[0]["busy_by_stage"])
+        lines.append(f"- {label}: " + ", ".join(f"{k} {med([x['busy_by_stage'].get(k) for x in j]):.2f}" for k in names))
     lines += ["", f"Ray start (local, {cpus} CPUs, once): {ray_start:.1f} s. Benchmark wall time "
               f"{time.perf_counter() - t_all:.0f} s."]
     if max(load0[0], os.getloadavg()[0]) > cpus * 0.75:
