@@ -88,6 +88,15 @@ def make_images(folder: Path, size: tuple[int, int], n: int, seed: int = 0) -> l
     return paths
 
 
+def _ship_by_value() -> None:
+    """Imported as a module (tests), this file's functions and classes would be pickled by name,
+    which Ray's workers cannot import: ship them by value, as when it runs as a script."""
+    from ray import cloudpickle
+
+    if __name__ != "__main__":
+        cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
 # -- the zero-cost stand-in model ------------------------------------------------------------------
 
 def stand_in_class():
@@ -99,13 +108,9 @@ def stand_in_class():
     the progress counter is told. The model's own input step (uint8 -> normalised float, which
     a GPU does on the device) is skipped with the model.
     """
-    from ray import cloudpickle
-
     from ramplus_core.job.inference import Tagger, _process_start
 
-    if __name__ != "__main__":  # imported (tests): Ray's workers cannot import this file, so ship it by value
-        cloudpickle.register_pickle_by_value(sys.modules[__name__])
-
+    _ship_by_value()
     class StandInTagger(Tagger):
         def __init__(self, **kw):
             t0 = time.perf_counter()
@@ -209,6 +214,7 @@ def raydata_rate(batches: list, kwargs: dict, cfg) -> float:
 
     from ramplus_core.job.work import load_inputs
 
+    _ship_by_value()
     ds = ray.data.from_arrow(pa.concat_tables(batches))
     ds = ds.repartition(target_num_rows_per_block=cfg.decode.batch_size)
     ds = ds.map_batches(load_inputs, batch_size=cfg.decode.batch_size, batch_format="pyarrow", fn_kwargs=kwargs,
@@ -284,7 +290,7 @@ def med(xs):
     return statistics.median(xs) if xs else float("nan")
 
 
-def main(argv=None) -> int:
+def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--small", type=int, default=2000, help="0.3 MP JPEGs (default 2000: ~2-3 s of decode on 2 cores)")
     ap.add_argument("--large", type=int, default=120, help="12 MP JPEGs (default 120: ~2-3 s of decode on 2 cores)")
@@ -336,9 +342,13 @@ def main(argv=None) -> int:
             cases.append((f"{name} S3", f"s3://{BUCKET}/ceiling/{key}/", s3cfg, f"s3://{BUCKET}/ceiling/out"))
 
     t = time.perf_counter()
-    ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    started = not ray.is_initialized()  # a test's Ray is used as it is, and left running
+    if started:
+        ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False,
+                 configure_logging=False)
     ray_start = time.perf_counter() - t
-    pp.TAGGER_CLASS = stand_in_class()
+    cpus = int(ray.cluster_resources().get("CPU", cpus))
+    saved, pp.TAGGER_CLASS = pp.TAGGER_CLASS, stand_in_class()
     pool = DecodePool(cpus)
     results = {label: {"pool": [], "raydata": [], "job": []} for label, *_ in cases}
     try:
@@ -363,8 +373,10 @@ def main(argv=None) -> int:
                     raise RuntimeError(f"{label}: {m['counts']['errors']} error rows: {m['counts']['errors_by_stage']}")
                 results[label]["job"].append(stages(m))
     finally:
+        pp.TAGGER_CLASS = saved
         pool.close()
-        ray.shutdown()
+        if started:
+            ray.shutdown()
         if weed is not None:
             weed.stop()
 
@@ -414,8 +426,8 @@ def main(argv=None) -> int:
         lines.append(f"NOTE: load average above {cpus * 0.75:.1f} around this run: other work shared the cores, "
                      "so rates are low and ratios noisy.")
     print("\n".join(lines))
-    return 0
+    return results
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
