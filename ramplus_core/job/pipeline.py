@@ -30,6 +30,11 @@ from .storage import Storage, join
 from .work import load_inputs
 from .writer import ResultsSink
 
+#: The inference stage's class (Ray Data callable class). Benchmark-only seam: the job always
+#: uses Tagger; benchmarks/ceiling.py puts a zero-cost stand-in model here (a Tagger subclass,
+#: same rows out) to measure how fast everything around the model goes. Tests may do the same.
+TAGGER_CLASS = Tagger
+
 
 @dataclass
 class Resources:
@@ -98,7 +103,8 @@ def plan_resources(cfg: JobConfig) -> Resources:
 
 
 def run_pipeline(cfg: JobConfig, storage: Storage, staging: str, files: list[str], plan: Resources,
-                 model: dict, vocab_ref, counter, sink: ResultsSink, keys: dict, run_id: str) -> None:
+                 model: dict, vocab_ref, counter, sink: ResultsSink, keys: dict, run_id: str) -> list[dict]:
+    """Run the pipeline to its end; returns where its time went per stage (`stage_stats`)."""
     import ray
     from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
@@ -121,7 +127,7 @@ def run_pipeline(cfg: JobConfig, storage: Storage, staging: str, files: list[str
     )
     ds = map_with_bounded_restarts(
         ds,
-        Tagger,
+        TAGGER_CLASS,
         batch_size=cfg.inference.batch_size,
         batch_format="pyarrow",
         compute=ActorPoolStrategy(size=plan.actors),
@@ -142,7 +148,43 @@ def run_pipeline(cfg: JobConfig, storage: Storage, staging: str, files: list[str
         },
         udf_modifying_row_count=False,
     )
+    t0 = time.perf_counter()
     ds.write_datasink(sink, ray_remote_args={"num_cpus": 0.25})
+    return stage_stats(ds, t0, same_clock=plan.nodes == 1)
+
+
+def stage_stats(ds, t0: float, same_clock: bool) -> list[dict]:
+    """Per Ray Data operator: tasks, busy seconds (summed over tasks), and when it first started
+    and last ended relative to `t0`, the driver's perf_counter at the pipeline's start.
+
+    Ray Data stamps its tasks with time.perf_counter (CLOCK_MONOTONIC, one clock per machine), so
+    start/end are given only for one-node runs. For the manifest ("pipeline_stages") and
+    benchmarks/ceiling.py: which stage the run waited on. Ray Data's summary is a developer API;
+    if it changes shape, the run loses this record and nothing else.
+    """
+    try:
+        summary = getattr(ds, "_write_ds", ds)._get_stats_summary()
+        chain = []
+        while summary is not None and len(chain) < 64:
+            chain.append(summary)
+            parents = getattr(summary, "parents", None) or []
+            summary = parents[0] if parents else None
+        out = []
+        for summary in reversed(chain):
+            for op in summary.operators_stats:
+                wall = op.wall_time.sum if op.wall_time else None
+                cpu = op.cpu_time.sum if op.cpu_time else None
+                known = same_clock and op.earliest_start_time is not None
+                out.append({"name": op.operator_name,
+                            "tasks": int(op.output_num_rows.count) if op.output_num_rows else None,
+                            "rows": int(op.output_num_rows.sum) if op.output_num_rows else None,
+                            "wall_s": round(wall, 4) if wall is not None else None,
+                            "cpu_s": round(cpu, 4) if cpu is not None else None,
+                            "start_s": round(op.earliest_start_time - t0, 4) if known else None,
+                            "end_s": round(op.latest_end_time - t0, 4) if known else None})
+        return out
+    except Exception:  # noqa: BLE001 - a record only
+        return []
 
 
 _REMOTE_ARGS_DEPRECATED = re.escape("`ray_remote_args` is deprecated")

@@ -322,7 +322,8 @@ def work_step(cfg: JobConfig, storage: Storage, rs: RunState, plan: pl.Plan, mod
     out["started_at"] = time.time()
     reporter = ProgressReporter(counter, todo_rows, cfg.ray.progress_interval_s, emit).start()
     try:
-        pp.run_pipeline(cfg, storage, rs.staging, todo, res, model, vocab_ref, counter, sink, plan.keys, rs.run_id)
+        out["stages"] = pp.run_pipeline(cfg, storage, rs.staging, todo, res, model, vocab_ref, counter, sink,
+                                        plan.keys, rs.run_id)
     except Exception as e:  # noqa: BLE001 - recorded in the FAILED manifest, then re-raised
         out["error"] = scrubber.text(f"{type(e).__name__}: {last_line(e)}")
     finally:
@@ -567,6 +568,8 @@ def _manifest(cfg: JobConfig, rs: RunState, model: dict, listing: ListingResult,
         "images_per_s": ran / pipeline_s if pipeline_s > 0 and ran else 0.0,
         "steady_images_per_s": steady_rate(snap),
         "pipeline_events_s": pp.events(snap, work["started_at"]),
+        # per Ray Data operator: tasks, busy seconds, first start and last end after the pipeline's start
+        "pipeline_stages": work.get("stages", []),
         # seconds the actors spent inside the model: images / inference_s is the model-only
         # rate as it ran inside this job (busy time / actors / pipeline time = actor utilisation)
         "inference_s": round(snap.get("infer_s", 0.0), 3),
