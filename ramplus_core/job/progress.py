@@ -10,6 +10,8 @@ manifest records.
 
 from __future__ import annotations
 
+import logging
+import sys
 import threading
 import time
 from typing import Callable, Optional
@@ -62,11 +64,29 @@ def steady_rate(snap: dict) -> float:
     return (snap["tagged"] + snap["errors"] - snap["first_n"]) / (snap["last"] - snap["first"])
 
 
-class ProgressReporter:
-    """Prints `progress: ...` lines from the counter until stopped."""
+def live_rate(snap: dict, now: float) -> Optional[float]:
+    """Images/s from the first finished batch until now, or None before a second batch is in.
 
-    def __init__(self, counter, total: int, interval_s: float, emit: Callable[[str], None]):
+    Not done / elapsed: the actors' start-up (minutes for the released model on CPU) is no
+    image work, and counting it made the first ETAs tens of times too long. Until `now`
+    rather than until the last batch, so a stalled run shows its rate falling.
+    """
+    first, done = snap.get("first"), snap["tagged"] + snap["errors"]
+    if not first or now <= first or done <= snap.get("first_n", 0):
+        return None
+    return (done - snap["first_n"]) / (now - first)
+
+
+class ProgressReporter:
+    """Prints `progress: ...` lines from the counter until stopped.
+
+    A thread of the driver: the pipeline's driver side (Ray Data's executor) runs in other
+    threads and releases the GIL while it waits, so the lines keep their interval.
+    """
+
+    def __init__(self, counter, total: int, interval_s: float, emit: Callable[[str], None], actors: int = 0):
         self.counter, self.total, self.interval_s, self.emit = counter, total, interval_s, emit
+        self.actors = actors
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self.t0 = time.monotonic()
@@ -80,10 +100,10 @@ class ProgressReporter:
     def _loop(self) -> None:
         while not self._stop.wait(self.interval_s):
             try:
-                snap = ray.get(self.counter.snapshot.remote(), timeout=30)
+                snap = ray.get(self.counter.snapshot.remote(), timeout=max(5.0, self.interval_s))
             except Exception:  # noqa: BLE001 - progress is best effort
                 continue
-            self.emit(progress_line(snap, self.total, time.monotonic() - self.t0))
+            self.emit(progress_line(snap, self.total, time.monotonic() - self.t0, actors=self.actors))
 
     def stop(self) -> None:
         self._stop.set()
@@ -91,14 +111,61 @@ class ProgressReporter:
             self._thread.join(timeout=5)
 
 
-def progress_line(snap: dict, total: int, elapsed: float) -> str:
+def _seconds(s: float) -> str:
+    s = int(round(s))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+def progress_line(snap: dict, total: int, elapsed: float, actors: int = 0, now: Optional[float] = None) -> str:
+    """`progress: done/total images (pct), tagged, errors, images/s, eta, elapsed`.
+
+    Before the first batch the rate and ETA are unknown; the line says what the run waits
+    for instead (the inference actors loading the model), so 0/N does not read as a hang.
+    """
     done = snap["tagged"] + snap["errors"]
-    rate = done / elapsed if elapsed > 0 else 0.0
     pct = 100.0 * done / total if total else 100.0
-    eta = (total - done) / rate if rate > 0 else float("nan")
-    eta_s = f"{eta:.0f}s" if eta == eta else "?"
-    return (f"progress: {done}/{total} images ({pct:.1f}%), {snap['tagged']} tagged, {snap['errors']} errors, "
-            f"{rate:.1f} images/s, elapsed {elapsed:.0f}s, eta {eta_s}")
+    head = (f"progress: {done}/{total} images ({pct:.1f}%), {snap['tagged']} tagged, "
+            f"{snap['errors']} errors")
+    tail = f"elapsed {_seconds(elapsed)}"
+    if done >= total:
+        return f"{head}, eta 0s, {tail}"
+    if not snap.get("first"):
+        ready = len({a.get("pid") for a in snap.get("actors", [])})
+        wait = (f"{min(ready, actors)}/{actors} inference actors ready" if actors else "no batch done yet")
+        return f"{head}, images/s ?, eta ? (starting: {wait}), {tail}"
+    rate = live_rate(snap, time.time() if now is None else now)
+    if rate is None or rate <= 0:
+        return f"{head}, images/s ?, eta ? (one batch done so far), {tail}"
+    return f"{head}, {rate:.1f} images/s, eta {_seconds((total - done) / rate)}, {tail}"
+
+
+def bars_on(setting: Optional[bool], stream=None) -> bool:
+    """`ray.progress_bars`: true or false as set; null (auto) only when stderr is a terminal.
+
+    Off a terminal (a log file, `ray job submit`, cron) Ray Data does not draw bars but logs a
+    block of lines per operator every few seconds, most of a job's log; our own lines say
+    what an operator needs there.
+    """
+    if setting is not None:
+        return bool(setting)
+    stream = sys.stderr if stream is None else stream
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+class _BarsOffNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Progress bars disabled")
+
+
+def quiet_bars_off_notice() -> None:
+    """Ray Data warns "Progress bars disabled. To enable, ..." when they are off: here that
+    is the configured default, not a problem, so that one record is dropped (once per process)."""
+    log = logging.getLogger("ray.data._internal.progress")
+    if not any(isinstance(f, _BarsOffNotice) for f in log.filters):
+        log.addFilter(_BarsOffNotice())
 
 
 def summary_table(m: dict) -> str:

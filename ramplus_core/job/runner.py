@@ -207,7 +207,7 @@ def work_step(cfg: JobConfig, storage: Storage, rs: RunState, plan: pl.Plan, mod
     counter = ProgressCounter.remote()
     t = time.perf_counter()
     out["started_at"] = time.time()
-    reporter = ProgressReporter(counter, todo_rows, cfg.ray.progress_interval_s, emit).start()
+    reporter = ProgressReporter(counter, todo_rows, cfg.ray.progress_interval_s, emit, res.actors).start()
     try:
         out["stages"] = pp.run_pipeline(cfg, storage, rs.staging, todo, res, model, vocab_ref, counter, sink,
                                         plan.keys, rs.run_id)
@@ -218,7 +218,7 @@ def work_step(cfg: JobConfig, storage: Storage, rs: RunState, plan: pl.Plan, mod
     timings["pipeline"] = time.perf_counter() - t
     try:
         out["snap"] = ray.get(counter.snapshot.remote(), timeout=60)
-        emit(progress_line(out["snap"], todo_rows, timings["pipeline"]))
+        emit(progress_line(out["snap"], todo_rows, timings["pipeline"], res.actors))
     except Exception:  # noqa: BLE001
         pass
     ray.kill(counter)
