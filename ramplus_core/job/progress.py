@@ -18,6 +18,8 @@ from typing import Callable, Optional
 
 import ray
 
+from .manifest import counts_of
+
 
 @ray.remote(num_cpus=0, max_concurrency=4)
 class ProgressCounter:
@@ -170,7 +172,7 @@ def quiet_bars_off_notice() -> None:
 
 def summary_table(m: dict) -> str:
     """The final table printed by the job (and reproducible from any manifest)."""
-    c, t = m["counts"], m["timings_s"]
+    c, t = counts_of(m), m["timings_s"]
     rows = [
         ("run_id", m["run_id"]),
         ("status", m["status"]),
@@ -178,7 +180,7 @@ def summary_table(m: dict) -> str:
         ("tagged", c["tagged"]),
         ("errors", c["errors"] if not c.get("errors_by_stage") else
          f"{c['errors']} (" + ", ".join(f"{k} {v}" for k, v in sorted(c["errors_by_stage"].items())) + ")"),
-        ("skipped (not images)", c["skipped"]),
+        ("not images (other names)", c.get("not_images", 0)),
     ]
     if c.get("not_regular"):
         rows.append(("left out (links not followed, FIFOs, devices)", c["not_regular"]))
@@ -186,10 +188,15 @@ def summary_table(m: dict) -> str:
     if inc:
         rows += [
             ("mode", inc.get("mode", "")),
-            ("already done (skipped)", inc.get("skipped", 0)),
-            ("work", ", ".join(f"{k} {inc.get(k, 0)}" for k in ("new", "changed", "retried", "grown", "retagged"))),
+            ("already done", inc.get("already_done", 0)),
+            ("work", ", ".join(f"{k.replace('_', ' ')} {inc.get(k, 0)}"
+                               for k in ("new", "changed", "retried", "vocab_changed", "retagged"))),
             ("deleted (gone from the store)", inc.get("deleted", 0)),
         ]
+    for v in ((m.get("vocabulary") or {}).get("changed_from") or {}).values():
+        rows.append(("vocabulary change", f"from {v.get('vocab_id')}: +{v.get('added_tags', '?')} tags, "
+                                          f"-{v.get('removed_tags', '?')} tags, {v.get('copied_tags', 0)} "
+                                          f"scores copied, {v.get('computed_tags', 0)} tags scored"))
     if m.get("resume", {}).get("attempt", 1) > 1:
         r = m["resume"]
         rows.append(("resumed", f"attempt {r['attempt']}: {r.get('kept_rows', 0)} rows of earlier attempts kept"))
