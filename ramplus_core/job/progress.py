@@ -56,7 +56,8 @@ class ProgressCounter:
     def snapshot(self) -> dict:
         return {"tagged": self.tagged, "errors": self.errors, "by_stage": dict(self.by_stage),
                 "actors": list(self.actors), "prepare_calls": self.prepare_calls, "infer_s": self.infer_s,
-                "first": self.first, "first_n": self.first_n, "last": self.last, "work": dict(self.work)}
+                "first": self.first, "first_n": self.first_n, "last": self.last, "work": dict(self.work),
+                "now": time.time()}  # the clock of `first` and `last` (the driver may be on another node)
 
 
 def steady_rate(snap: dict) -> float:
@@ -100,12 +101,20 @@ class ProgressReporter:
         return self
 
     def _loop(self) -> None:
-        while not self._stop.wait(self.interval_s):
+        # a line every interval, on a fixed clock: when the counter does not answer in time
+        # (its process still starting on a loaded node) the last counts are printed again
+        snap: dict = {"tagged": 0, "errors": 0, "first": None, "first_n": 0, "actors": []}
+        tick = self.t0
+        while True:
+            tick += self.interval_s
+            if self._stop.wait(max(0.0, tick - time.monotonic())):
+                return
             try:
-                snap = ray.get(self.counter.snapshot.remote(), timeout=max(5.0, self.interval_s))
+                snap = ray.get(self.counter.snapshot.remote(), timeout=self.interval_s / 2)
             except Exception:  # noqa: BLE001 - progress is best effort
-                continue
+                pass
             self.emit(progress_line(snap, self.total, time.monotonic() - self.t0, actors=self.actors))
+            tick = max(tick, time.monotonic() - self.interval_s / 2)  # no burst of lines after a stall
 
     def stop(self) -> None:
         self._stop.set()
@@ -129,13 +138,13 @@ def progress_line(snap: dict, total: int, elapsed: float, actors: int = 0, now: 
     head = (f"progress: {done}/{total} images ({pct:.1f}%), {snap['tagged']} tagged, "
             f"{snap['errors']} errors")
     tail = f"elapsed {_seconds(elapsed)}"
+    rate = live_rate(snap, now if now is not None else snap.get("now") or time.time())
     if done >= total:
-        return f"{head}, eta 0s, {tail}"
+        return f"{head}, {f'{rate:.1f}' if rate else '?'} images/s, eta 0s, {tail}"
     if not snap.get("first"):
         ready = len({a.get("pid") for a in snap.get("actors", [])})
         wait = (f"{min(ready, actors)}/{actors} inference actors ready" if actors else "no batch done yet")
         return f"{head}, images/s ?, eta ? (starting: {wait}), {tail}"
-    rate = live_rate(snap, time.time() if now is None else now)
     if rate is None or rate <= 0:
         return f"{head}, images/s ?, eta ? (one batch done so far), {tail}"
     return f"{head}, {rate:.1f} images/s, eta {_seconds((total - done) / rate)}, {tail}"
