@@ -10,7 +10,8 @@ import time
 
 import pytest
 
-from ramplus_core.job.progress import ProgressCounter, ProgressReporter, bars_on, progress_line
+from ramplus_core.job.manifest import counts_of
+from ramplus_core.job.progress import ProgressCounter, ProgressReporter, bars_on, progress_line, summary_table
 
 from .conftest import CHECKPOINT, _jpeg, run_tag_bucket
 
@@ -22,6 +23,23 @@ RAY_PROGRESS = ("Running Dataset", "Total Progress", "logging_progress")
 def _snap(tagged=0, errors=0, first=None, first_n=0, actors=()):
     return {"tagged": tagged, "errors": errors, "first": first, "first_n": first_n, "last": first,
             "actors": [{"pid": p} for p in actors]}
+
+
+def test_manifest_counts_mean_one_thing_each_and_older_names_are_read():
+    v1 = {"counts": {"listed": 5, "tagged": 4, "errors": 1, "skipped": 2,
+                     "incremental": {"mode": "missing", "skipped": 7, "new": 5, "grown": 3}}}
+    c = counts_of(v1)
+    assert (c["not_images"], c["incremental"]["already_done"], c["incremental"]["vocab_changed"]) == (2, 7, 3)
+    assert "skipped" not in c and "skipped" not in c["incremental"] and "grown" not in c["incremental"]
+    m = {"run_id": "r", "status": "committed", "output": "/o", "invariant": {"ok": True}, "images_per_s": 1.0,
+         "timings_s": {"total": 1.0}, **v1,
+         "vocabulary": {"changed_from": {"k": {"vocab_id": "v0", "added_tags": 0, "removed_tags": 21,
+                                               "copied_tags": 3, "computed_tags": 0}}}}
+    table = summary_table(m)
+    assert re.search(r"not images \(other names\) *\| 2$", table, re.M)
+    assert re.search(r"already done *\| 7$", table, re.M)
+    assert "vocab changed 3" in table and "grown" not in table and "skipped" not in table
+    assert re.search(r"vocabulary change *\| from v0: \+0 tags, -21 tags", table, re.M)
 
 
 def test_the_line_before_the_first_batch_says_what_the_run_waits_for():
