@@ -385,7 +385,7 @@ def join_cost(tmp: Path, m: int, shard_counts: list[int], commit: bool = True) -
         r = _phase("join", out, staging, listing["files"])
         p = r["plan"]
         c, s = p["counts"], p["seconds"]
-        assert (c["new"], c["changed"], c["deleted"], c["skipped"]) == (new, chg, gone, m - gone - chg), c
+        assert (c["new"], c["changed"], c["deleted"], c["already_done"]) == (new, chg, gone, m - gone - chg), c
         if k == 0:
             total = listing["seconds"] + r["load_s"] + s["join"] + s["grown_rows"] + s["deleted"]
             rows += [
@@ -393,7 +393,7 @@ def join_cost(tmp: Path, m: int, shard_counts: list[int], commit: bool = True) -
                  f"{r['state_bytes'] / r['state_rows']:.0f} bytes/entry held ({_mib(r['state_bytes'])}); "
                  f"peak RSS +{_mib(r['load_peak'])} while loading"),
                 (sec, "join + plan shards", f"{(s['join'] + s['grown_rows']) * per:.1f} s/M",
-                 f"{c['new']:,} new, {c['changed']:,} changed, {c['skipped']:,} skipped; peak RSS of join + "
+                 f"{c['new']:,} new, {c['changed']:,} changed, {c['already_done']:,} already done; peak RSS of join + "
                  f"deletions +{_mib(r['plan_peak'])}"),
                 (sec, "deletions (second read of uri, shard)", f"{s['deleted'] * per:.1f} s/M",
                  f"{c['deleted']:,} deleted"),
@@ -453,7 +453,7 @@ def growth(tmp: Path, n: int, checkpoint: str = str(TINY), label: str = "tiny, 2
         delta_s, m2 = job(src, out, checkpoint=checkpoint, vocab=str(vdir / f"{vocab}.yaml"),
                           **{"cache.image_tokens": cache})
         w = m2["model_work"]
-        assert m2["counts"]["incremental"]["grown"] == n and w["head_tag_scores"] == 10 * n, (m2["counts"], w)
+        assert m2["counts"]["incremental"]["vocab_changed"] == n and w["head_tag_scores"] == 10 * n, (m2["counts"], w)
         how = "with the token cache" if cache else "without the token cache"
         rows.append((sec, f"+10 tags {how} ({path(m2)})", f"{delta_s:.1f} s",
                      f"{100 * delta_s / full_s:.1f}% of the full run (model {m2['inference_s']:.2f} s, "

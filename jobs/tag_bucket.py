@@ -81,7 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
                                          "a running local cluster, else a new local one)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config key, e.g. --set inference.batch_size=64 (repeatable)")
-    p.add_argument("--quiet", action="store_true", help="no Ray Data progress bars")
+    bars = p.add_mutually_exclusive_group()
+    bars.add_argument("--progress-bars", action="store_true",
+                      help="Ray Data's progress bars even when stderr is not a terminal (ray.progress_bars: true)")
+    bars.add_argument("--quiet", action="store_true",
+                      help="no Ray Data progress bars, even on a terminal (ray.progress_bars: false); by default "
+                           "they are drawn only on a terminal. The job's own 'progress:' lines stay")
     return p
 
 
@@ -102,8 +107,8 @@ def main(argv=None) -> int:
         overrides = parse_set(args.set)
         if args.ray_address:
             overrides.append(("ray.address", args.ray_address))
-        if args.quiet:
-            overrides.append(("ray.progress_bars", False))
+        if args.quiet or args.progress_bars:
+            overrides.append(("ray.progress_bars", bool(args.progress_bars)))
         cfg = load_config(args.config, inputs=args.input, output=args.output, checkpoint=args.checkpoint,
                           run_id=args.run_id, vocab=args.vocab, mode=args.mode, overrides=overrides)
         scrubber = Scrubber.for_run(cfg)

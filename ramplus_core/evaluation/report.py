@@ -43,6 +43,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from ..job.manifest import counts_of
 from ..job.storage import Storage, join
 from .results import Run, open_run, read_errors
 
@@ -461,7 +462,7 @@ def render(run: Run, rows: list[dict], thumbs: list[Thumb], errors, *, sample_n:
            max_errors: int = 500, near: int = 3, top_tags: int = 25, catalog: Optional[Catalog] = None,
            changes: Optional[Changes] = None) -> str:
     m = run.manifest
-    counts = m.get("counts") or {}
+    counts = counts_of(m)  # older manifests' names too
     floor = run.score_floor or 0.0
     catalog = catalog or catalog_state(run, errors)
     freq = Counter(t for r in rows for t in (r.get("tags") or []))
@@ -497,7 +498,7 @@ def render(run: Run, rows: list[dict], thumbs: list[Thumb], errors, *, sample_n:
     out.append("<h2>This run's work</h2><div class=\"stats\">")
     ips = m.get("images_per_s")
     for label, value in (("listed", counts.get("listed", "-")), ("tagged", counts.get("tagged", "-")),
-                         ("errors", counts.get("errors", "-")), ("skipped (not images)", counts.get("skipped", "-")),
+                         ("errors", counts.get("errors", "-")), ("not images", counts.get("not_images", "-")),
                          ("images/s", f"{ips:.1f}" if isinstance(ips, (int, float)) else "-"),
                          ("total time", _fmt_s((m.get("timings_s") or {}).get("total")))):
         out.append(_stat(label, value))

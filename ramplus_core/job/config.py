@@ -195,7 +195,7 @@ class RayConfig:
     address: Optional[str] = None
     num_cpus: Optional[int] = field(default=None, metadata=_check(_positive))
     progress_interval_s: float = field(default=10.0, metadata=_check(_positive))
-    progress_bars: bool = True
+    progress_bars: Optional[bool] = None  # null: on only when stderr is a terminal
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,12 @@ from typing import Optional
 from .storage import Storage, ensure_dir, join
 
 RUNS_DIR = "_runs"
-MANIFEST_VERSION = 1
+#: 2: count names that mean one thing each (`not_images`, `incremental.already_done`,
+#: `incremental.vocab_changed`, `vocabulary.changed_from`); 1 used `skipped` for both of the first two
+MANIFEST_VERSION = 2
+#: manifest version 1's names, for readers of older manifests (`counts_of`)
+OLD_COUNT_NAMES = {"skipped": "not_images"}
+OLD_INCREMENTAL_NAMES = {"skipped": "already_done", "grown": "vocab_changed"}
 
 
 def get_json(storage: Storage, uri: str) -> Optional[dict]:
@@ -107,6 +112,14 @@ def read_manifest(output_uri: str, run_id: str, storage: Optional[Storage] = Non
     fs, path = storage.pyarrow(join(output_uri, RUNS_DIR, f"{run_id}.json"))
     with fs.open_input_stream(path) as f:
         return json.loads(f.read())
+
+
+def counts_of(manifest: dict) -> dict:
+    """The manifest's `counts` under this version's names, whichever version wrote it."""
+    c = {OLD_COUNT_NAMES.get(k, k): v for k, v in (manifest.get("counts") or {}).items()}
+    if isinstance(c.get("incremental"), dict):
+        c["incremental"] = {OLD_INCREMENTAL_NAMES.get(k, k): v for k, v in c["incremental"].items()}
+    return c
 
 
 _SAFE = re.compile(r"[^A-Za-z0-9_.-]")

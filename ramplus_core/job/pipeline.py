@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 from ..errors import ConfigError
 from .config import JobConfig
 from .inference import Tagger
-from .progress import progress_line
+from .progress import bars_on, progress_line, quiet_bars_off_notice
 from .storage import Storage, join
 from .work import load_inputs
 from .writer import ResultsSink
@@ -109,7 +109,9 @@ def run_pipeline(cfg: JobConfig, storage: Storage, staging: str, files: list[str
     from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
     dctx = ray.data.DataContext.get_current()
-    dctx.enable_progress_bars = cfg.ray.progress_bars
+    dctx.enable_progress_bars = bars_on(cfg.ray.progress_bars)
+    if not dctx.enable_progress_bars:
+        quiet_bars_off_notice()
     dctx.execution_options.preserve_order = False
     pa_fs, _ = storage.pyarrow(join(staging, "plan"))
     limits = cfg.decode.limits()

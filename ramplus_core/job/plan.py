@@ -6,10 +6,10 @@ Per listed image, with its current row in `tags` or `errors` (mode `missing`):
 | --- | --- | --- | --- |
 | none | | new | full |
 | any | no | changed | full |
-| tagged, this model and vocabulary (floor at or under this run's) | yes | skipped | none |
-| error of stage decode | yes | skipped (the same bytes fail the same way) | none |
+| tagged, this model and vocabulary (floor at or under this run's) | yes | already_done | none |
+| error of stage decode | yes | already_done (the same bytes fail the same way) | none |
 | error of stage list, fetch or infer (`incremental.retry_stages`) | yes | retried | full |
-| tagged, this model, another vocabulary sharing tags | yes | grown | only the tags it lacks |
+| tagged, this model, another vocabulary sharing tags | yes | vocab_changed | only the tags it lacks |
 | tagged, another model | yes | retagged | full |
 
 `mode: all` makes every listed image full work. In both modes, rows under the run's inputs
@@ -36,10 +36,11 @@ import pyarrow.parquet as pq
 
 from .index import ERROR, TAGGED, IndexState, uri_hashes, version_hash, version_strings
 from .listing import Fingerprint
+from .manifest import OLD_INCREMENTAL_NAMES  # a plan staged by an older version, resumed
 from .schemas import DELETED_SCHEMA, SCORE_TYPE, WORK_SCHEMA
 from .storage import Storage, ensure_dir, join
 
-CATEGORIES = ("skipped", "new", "changed", "retried", "grown", "retagged")
+CATEGORIES = ("already_done", "new", "changed", "retried", "vocab_changed", "retagged")
 _SKIP, _RETRY, _GROW, _RETAG = 0, 1, 2, 3
 
 
@@ -65,7 +66,7 @@ class Plan:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Plan":
-        return cls(files=d["files"], counts=d["counts"], work=d["work"], work_fp=tuple(d["work_fp"]),
+        return cls(files=d["files"], counts={OLD_INCREMENTAL_NAMES.get(k, k): v for k, v in d["counts"].items()}, work=d["work"], work_fp=tuple(d["work_fp"]),
                    skipped_fp=tuple(d["skipped_fp"]), keys=d["keys"], need=d.get("need", {}),
                    deleted=d.get("deleted"), from_errors=d.get("from_errors", 0),
                    versions=d.get("versions", {}), seconds=d.get("seconds", {}))
@@ -178,7 +179,10 @@ def make_plan(*, storage: Storage, output_uri: str, staging: str, listing_files:
                     if key not in plan.keys:
                         plan.keys[key] = {"vocab_id": c.vocab_id, "floor": c.score_floor,
                                           "compute": [int(j) for j in np.flatnonzero(~mask)],
-                                          "copied_tags": int(mask.sum())}
+                                          "copied_tags": int(mask.sum()),
+                                          # what changed since: tags by identity (name + descriptions)
+                                          "added_tags": len(set(desc["identities"]) - set(base["identities"])),
+                                          "removed_tags": len(set(base["identities"]) - set(desc["identities"]))}
                         key_names.append(key)
                     action[i], key_of[i] = _GROW, key_names.index(key)
 
@@ -211,11 +215,11 @@ def make_plan(*, storage: Storage, output_uri: str, staging: str, listing_files:
         act = np.where(list_err & (act != -1), _RETRY, act)  # a listing error is always work
         skip = act == _SKIP
         grow = act == _GROW
-        plan.counts["skipped"] += int(skip.sum())
+        plan.counts["already_done"] += int(skip.sum())
         plan.counts["new"] += int((~live).sum())
         plan.counts["changed"] += int((live & ~same).sum())
         plan.counts["retried"] += int((act == _RETRY).sum())
-        plan.counts["grown"] += int(grow.sum())
+        plan.counts["vocab_changed"] += int(grow.sum())
         plan.counts["retagged"] += int((act == _RETAG).sum())
         plan.skipped_fp = _add_fp(plan.skipped_fp, h1[skip], h2[skip])
         full = ~skip & ~grow
@@ -309,7 +313,7 @@ def _grown_rows(storage, output_uri, state: IndexState, g: dict, key_names, plan
         }, schema=WORK_SCHEMA))
         plan.work_fp = _add_fp(plan.work_fp, g["h1"][cand], g["h2"][cand])
     missing = np.flatnonzero(~emitted)
-    plan.counts["grown"] -= len(missing)
+    plan.counts["vocab_changed"] -= len(missing)
     plan.counts["retagged"] += len(missing)
     return missing
 

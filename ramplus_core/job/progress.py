@@ -10,11 +10,15 @@ manifest records.
 
 from __future__ import annotations
 
+import logging
+import sys
 import threading
 import time
 from typing import Callable, Optional
 
 import ray
+
+from .manifest import counts_of
 
 
 @ray.remote(num_cpus=0, max_concurrency=4)
@@ -52,7 +56,8 @@ class ProgressCounter:
     def snapshot(self) -> dict:
         return {"tagged": self.tagged, "errors": self.errors, "by_stage": dict(self.by_stage),
                 "actors": list(self.actors), "prepare_calls": self.prepare_calls, "infer_s": self.infer_s,
-                "first": self.first, "first_n": self.first_n, "last": self.last, "work": dict(self.work)}
+                "first": self.first, "first_n": self.first_n, "last": self.last, "work": dict(self.work),
+                "now": time.time()}  # the clock of `first` and `last` (the driver may be on another node)
 
 
 def steady_rate(snap: dict) -> float:
@@ -62,11 +67,29 @@ def steady_rate(snap: dict) -> float:
     return (snap["tagged"] + snap["errors"] - snap["first_n"]) / (snap["last"] - snap["first"])
 
 
-class ProgressReporter:
-    """Prints `progress: ...` lines from the counter until stopped."""
+def live_rate(snap: dict, now: float) -> Optional[float]:
+    """Images/s from the first finished batch until now, or None before a second batch is in.
 
-    def __init__(self, counter, total: int, interval_s: float, emit: Callable[[str], None]):
+    Not done / elapsed: the actors' start-up (minutes for the released model on CPU) is no
+    image work, and counting it made the first ETAs tens of times too long. Until `now`
+    rather than until the last batch, so a stalled run shows its rate falling.
+    """
+    first, done = snap.get("first"), snap["tagged"] + snap["errors"]
+    if not first or now <= first or done <= snap.get("first_n", 0):
+        return None
+    return (done - snap["first_n"]) / (now - first)
+
+
+class ProgressReporter:
+    """Prints `progress: ...` lines from the counter until stopped.
+
+    A thread of the driver: the pipeline's driver side (Ray Data's executor) runs in other
+    threads and releases the GIL while it waits, so the lines keep their interval.
+    """
+
+    def __init__(self, counter, total: int, interval_s: float, emit: Callable[[str], None], actors: int = 0):
         self.counter, self.total, self.interval_s, self.emit = counter, total, interval_s, emit
+        self.actors = actors
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self.t0 = time.monotonic()
@@ -78,12 +101,20 @@ class ProgressReporter:
         return self
 
     def _loop(self) -> None:
-        while not self._stop.wait(self.interval_s):
+        # a line every interval, on a fixed clock: when the counter does not answer in time
+        # (its process still starting on a loaded node) the last counts are printed again
+        snap: dict = {"tagged": 0, "errors": 0, "first": None, "first_n": 0, "actors": []}
+        tick = self.t0
+        while True:
+            tick += self.interval_s
+            if self._stop.wait(max(0.0, tick - time.monotonic())):
+                return
             try:
-                snap = ray.get(self.counter.snapshot.remote(), timeout=30)
+                snap = ray.get(self.counter.snapshot.remote(), timeout=self.interval_s / 2)
             except Exception:  # noqa: BLE001 - progress is best effort
-                continue
-            self.emit(progress_line(snap, self.total, time.monotonic() - self.t0))
+                pass
+            self.emit(progress_line(snap, self.total, time.monotonic() - self.t0, actors=self.actors))
+            tick = max(tick, time.monotonic() - self.interval_s / 2)  # no burst of lines after a stall
 
     def stop(self) -> None:
         self._stop.set()
@@ -91,19 +122,66 @@ class ProgressReporter:
             self._thread.join(timeout=5)
 
 
-def progress_line(snap: dict, total: int, elapsed: float) -> str:
+def _seconds(s: float) -> str:
+    s = int(round(s))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+def progress_line(snap: dict, total: int, elapsed: float, actors: int = 0, now: Optional[float] = None) -> str:
+    """`progress: done/total images (pct), tagged, errors, images/s, eta, elapsed`.
+
+    Before the first batch the rate and ETA are unknown; the line says what the run waits
+    for instead (the inference actors loading the model), so 0/N does not read as a hang.
+    """
     done = snap["tagged"] + snap["errors"]
-    rate = done / elapsed if elapsed > 0 else 0.0
     pct = 100.0 * done / total if total else 100.0
-    eta = (total - done) / rate if rate > 0 else float("nan")
-    eta_s = f"{eta:.0f}s" if eta == eta else "?"
-    return (f"progress: {done}/{total} images ({pct:.1f}%), {snap['tagged']} tagged, {snap['errors']} errors, "
-            f"{rate:.1f} images/s, elapsed {elapsed:.0f}s, eta {eta_s}")
+    head = (f"progress: {done}/{total} images ({pct:.1f}%), {snap['tagged']} tagged, "
+            f"{snap['errors']} errors")
+    tail = f"elapsed {_seconds(elapsed)}"
+    rate = live_rate(snap, now if now is not None else snap.get("now") or time.time())
+    if done >= total:
+        return f"{head}, {f'{rate:.1f}' if rate else '?'} images/s, eta 0s, {tail}"
+    if not snap.get("first"):
+        ready = len({a.get("pid") for a in snap.get("actors", [])})
+        wait = (f"{min(ready, actors)}/{actors} inference actors ready" if actors else "no batch done yet")
+        return f"{head}, images/s ?, eta ? (starting: {wait}), {tail}"
+    if rate is None or rate <= 0:
+        return f"{head}, images/s ?, eta ? (one batch done so far), {tail}"
+    return f"{head}, {rate:.1f} images/s, eta {_seconds((total - done) / rate)}, {tail}"
+
+
+def bars_on(setting: Optional[bool], stream=None) -> bool:
+    """`ray.progress_bars`: true or false as set; null (auto) only when stderr is a terminal.
+
+    Off a terminal (a log file, `ray job submit`, cron) Ray Data does not draw bars but logs a
+    block of lines per operator every few seconds, most of a job's log; our own lines say
+    what an operator needs there.
+    """
+    if setting is not None:
+        return bool(setting)
+    stream = sys.stderr if stream is None else stream
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+class _BarsOffNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Progress bars disabled")
+
+
+def quiet_bars_off_notice() -> None:
+    """Ray Data warns "Progress bars disabled. To enable, ..." when they are off: here that
+    is the configured default, not a problem, so that one record is dropped (once per process)."""
+    log = logging.getLogger("ray.data._internal.progress")
+    if not any(isinstance(f, _BarsOffNotice) for f in log.filters):
+        log.addFilter(_BarsOffNotice())
 
 
 def summary_table(m: dict) -> str:
     """The final table printed by the job (and reproducible from any manifest)."""
-    c, t = m["counts"], m["timings_s"]
+    c, t = counts_of(m), m["timings_s"]
     rows = [
         ("run_id", m["run_id"]),
         ("status", m["status"]),
@@ -111,7 +189,7 @@ def summary_table(m: dict) -> str:
         ("tagged", c["tagged"]),
         ("errors", c["errors"] if not c.get("errors_by_stage") else
          f"{c['errors']} (" + ", ".join(f"{k} {v}" for k, v in sorted(c["errors_by_stage"].items())) + ")"),
-        ("skipped (not images)", c["skipped"]),
+        ("not images (other names)", c.get("not_images", 0)),
     ]
     if c.get("not_regular"):
         rows.append(("left out (links not followed, FIFOs, devices)", c["not_regular"]))
@@ -119,10 +197,15 @@ def summary_table(m: dict) -> str:
     if inc:
         rows += [
             ("mode", inc.get("mode", "")),
-            ("already done (skipped)", inc.get("skipped", 0)),
-            ("work", ", ".join(f"{k} {inc.get(k, 0)}" for k in ("new", "changed", "retried", "grown", "retagged"))),
+            ("already done", inc.get("already_done", 0)),
+            ("work", ", ".join(f"{k.replace('_', ' ')} {inc.get(k, 0)}"
+                               for k in ("new", "changed", "retried", "vocab_changed", "retagged"))),
             ("deleted (gone from the store)", inc.get("deleted", 0)),
         ]
+    for v in ((m.get("vocabulary") or {}).get("changed_from") or {}).values():
+        rows.append(("vocabulary change", f"from {v.get('vocab_id')}: +{v.get('added_tags', '?')} tags, "
+                                          f"-{v.get('removed_tags', '?')} tags, {v.get('copied_tags', 0)} "
+                                          f"scores copied, {v.get('computed_tags', 0)} tags scored"))
     if m.get("resume", {}).get("attempt", 1) > 1:
         r = m["resume"]
         rows.append(("resumed", f"attempt {r['attempt']}: {r.get('kept_rows', 0)} rows of earlier attempts kept"))

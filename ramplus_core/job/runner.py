@@ -207,7 +207,7 @@ def work_step(cfg: JobConfig, storage: Storage, rs: RunState, plan: pl.Plan, mod
     counter = ProgressCounter.remote()
     t = time.perf_counter()
     out["started_at"] = time.time()
-    reporter = ProgressReporter(counter, todo_rows, cfg.ray.progress_interval_s, emit).start()
+    reporter = ProgressReporter(counter, todo_rows, cfg.ray.progress_interval_s, emit, res.actors).start()
     try:
         out["stages"] = pp.run_pipeline(cfg, storage, rs.staging, todo, res, model, vocab_ref, counter, sink,
                                         plan.keys, rs.run_id)
@@ -218,7 +218,7 @@ def work_step(cfg: JobConfig, storage: Storage, rs: RunState, plan: pl.Plan, mod
     timings["pipeline"] = time.perf_counter() - t
     try:
         out["snap"] = ray.get(counter.snapshot.remote(), timeout=60)
-        emit(progress_line(out["snap"], todo_rows, timings["pipeline"]))
+        emit(progress_line(out["snap"], todo_rows, timings["pipeline"], res.actors))
     except Exception:  # noqa: BLE001
         pass
     ray.kill(counter)
@@ -342,7 +342,7 @@ def _run(cfg: JobConfig, emit, storage: Storage, model: dict, rs: RunState, timi
     listing = list_step(cfg, storage, rs, scrubber, emit)
     timings["listing"] = time.perf_counter() - t
     not_regular = f", {listing.not_regular} not regular files left out" if listing.not_regular else ""
-    emit(f"listed {listing.listed} images ({listing.skipped} other objects skipped{not_regular}) "
+    emit(f"listed {listing.listed} images ({listing.skipped} other objects are not images{not_regular}) "
          f"in {timings['listing']:.1f}s")
 
     step.name = "plan"
@@ -350,8 +350,9 @@ def _run(cfg: JobConfig, emit, storage: Storage, model: dict, rs: RunState, timi
     plan = plan_step(cfg, storage, rs, listing, model)
     timings["plan"] = time.perf_counter() - t
     c = plan.counts
-    emit(f"plan: {plan.work} to do ({c['new']} new, {c['changed']} changed, {c['retried']} retried, {c['grown']} "
-         f"grown, {c['retagged']} retagged), {c['skipped']} already done, {c['deleted']} deleted "
+    emit(f"plan: {plan.work} to do ({c['new']} new, {c['changed']} changed, {c['retried']} retried, "
+         f"{c['vocab_changed']} vocabulary changed, {c['retagged']} retagged), {c['already_done']} already done, "
+         f"{c['deleted']} deleted "
          f"({timings['plan']:.1f}s)")
 
     step.name = "work"
@@ -441,10 +442,13 @@ def _manifest(cfg: JobConfig, rs: RunState, model: dict, listing: ListingResult,
         "vocabulary": {"tags": len(model["names"]), "descriptions_per_tag": model["descriptions_per_tag"],
                        "object_bytes": work["vocab_bytes"],
                        "file": redact_uri(cfg.vocabulary.file) if cfg.vocabulary.file else None,
-                       "grown_from": {k: {kk: v[kk] for kk in ("vocab_id", "floor", "copied_tags")}
-                                      | {"computed_tags": len(v["compute"])} for k, v in plan.keys.items()}},
+                       # per earlier vocabulary whose rows this run re-decided: tags added and removed
+                       # since (by name and descriptions), scores copied, tags the model scored
+                       "changed_from": {k: {kk: v.get(kk) for kk in ("vocab_id", "floor", "added_tags",
+                                                                     "removed_tags", "copied_tags")}
+                                        | {"computed_tags": len(v["compute"])} for k, v in plan.keys.items()}},
         "counts": {"listed": listing.listed, "tagged": check["tagged"], "errors": check["errors"],
-                   "skipped": listing.skipped, "not_regular": listing.not_regular,
+                   "not_images": listing.skipped, "not_regular": listing.not_regular,
                    "errors_by_stage": check["errors_by_stage"],
                    "per_input": {redact_uri(k): v for k, v in listing.per_input.items()},
                    "incremental": {"mode": cfg.mode, **{k: plan.counts.get(k, 0) for k in pl.CATEGORIES},
@@ -471,7 +475,7 @@ def _manifest(cfg: JobConfig, rs: RunState, model: dict, listing: ListingResult,
                    "shards": cfg.layout.shards,
                    "tags_schema": TAGS_SCHEMA.to_string(show_schema_metadata=False).splitlines(),
                    "errors_schema": ERRORS_SCHEMA.to_string(show_schema_metadata=False).splitlines()},
-        "skipped_examples": listing.skipped_examples,
+        "not_images_examples": listing.skipped_examples,
         "not_regular_examples": listing.not_regular_examples,
         "config": redacted(cfg),
         "versions": versions(),

@@ -135,6 +135,8 @@ def test_report_shows_the_catalog_and_what_the_run_changed(tmp_path):
     assert "8 before the run, + 1 added, \u2212 1 removed = 8 after it" in html
     assert "&lt;b&gt;truncated&lt;/b&gt;" in html and "<b>truncated" not in html
     assert "Sample: 3 of 6 tagged images" in html
+    # the catalog's manifests are version 1 (`skipped` for objects that are not images): still read
+    assert '<b>0</b><span class="muted">not images</span>' in html
 
 
 def test_report_content_is_escaped_and_renders_without_errors(tmp_path, capsys):

@@ -66,7 +66,9 @@ def test_added_tags_cost_only_the_delta_and_old_scores_are_copied(ray_local, tmp
     assert m1["counts"]["tagged"] == n and m1["model_work"]["tokens_written"] == n
     m2 = go(grown)
     assert m2["vocab_id"] != m1["vocab_id"] and m2["counts"]["tagged"] == n
-    assert m2["counts"]["incremental"]["grown"] == n
+    assert m2["counts"]["incremental"]["vocab_changed"] == n
+    (chg,) = m2["vocabulary"]["changed_from"].values()
+    assert (chg["vocab_id"], chg["added_tags"], chg["removed_tags"]) == (m1["vocab_id"], 3, 0)
     w = m2["model_work"]
     assert (w["backbone_images"], w["token_reads"], w["head_tag_scores"]) == (0, n, 3 * n), \
         "only the 3 new tags ran, on cached tokens: no fetch, no decode, no backbone"

@@ -174,7 +174,7 @@ def test_hostile_names_each_tagged_once(hostile_run):
     assert set(uris) == expected
     # "..jpg" is an image too (os.path.splitext would call it extension-less: hidden-file rule)
     assert any(u.endswith("/..jpg") for u in uris)
-    assert m["counts"]["skipped"] == len(candidates - expected)
+    assert m["counts"]["not_images"] == len(candidates - expected)
     assert len(hostile_run["local_files"]) == len(LOCAL_NAMES) + 1
     assert len(hostile_run["listed_s3"]) >= len(S3_KEYS) // 2, hostile_run["listed_s3"]  # most keys were accepted
 

@@ -59,7 +59,7 @@ def test_nightly_runs_do_only_new_work(ray_local, s3_server, tmp_path):
 
     m2 = go()
     inc = m2["counts"]["incremental"]
-    assert (m2["counts"]["tagged"], m2["counts"]["errors"], inc["skipped"], inc["work"]) == (0, 0, 100, 0), \
+    assert (m2["counts"]["tagged"], m2["counts"]["errors"], inc["already_done"], inc["work"]) == (0, 0, 100, 0), \
         "decode errors of unchanged objects are not retried"
     assert m2["actors"] == [] and m2["timings_s"]["pipeline"] == 0, "no work: no Ray pipeline at all"
 
@@ -68,13 +68,13 @@ def test_nightly_runs_do_only_new_work(ray_local, s3_server, tmp_path):
     fs.pipe({f"{prefix}/img_002.jpg": objects[f"{prefix}/img_002.jpg"]})  # re-uploaded, same bytes: same ETag
     m3 = go()
     inc = m3["counts"]["incremental"]
-    assert (m3["counts"]["tagged"], inc["new"], inc["changed"], inc["skipped"]) == (7, 5, 2, 98)
+    assert (m3["counts"]["tagged"], inc["new"], inc["changed"], inc["already_done"]) == (7, 5, 2, 98)
     assert m3["model_work"]["backbone_images"] == 7
 
     fs.rm([f"{prefix}/img_010.jpg", f"{prefix}/img_011.jpg", f"{prefix}/bad/empty.jpg"])
     m4 = go()
     inc = m4["counts"]["incremental"]
-    assert (m4["counts"]["tagged"], inc["deleted"], inc["skipped"]) == (0, 3, 102)
+    assert (m4["counts"]["tagged"], inc["deleted"], inc["already_done"]) == (0, 3, 102)
     gone = {f"s3://{prefix}/{k}" for k in ("bad/empty.jpg", "img_010.jpg", "img_011.jpg")}
     steps = m4["tables"]["steps"]
     assert steps["1-errors"]["num_target_rows_deleted"] == 1 and steps["2-tags"]["num_target_rows_deleted"] == 2

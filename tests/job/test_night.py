@@ -112,14 +112,18 @@ def test_threshold_change_and_tag_removal_cost_no_model_and_match_a_full_run(nig
     src, out, ck, go = night
     first = go()
     thr = go(**{"vocabulary.threshold": 0.7})
-    assert not thr["model_loaded"] and thr["counts"]["incremental"]["grown"] == first["counts"]["tagged"] > 0
+    assert not thr["model_loaded"] and thr["counts"]["incremental"]["vocab_changed"] == first["counts"]["tagged"] > 0
     assert thr["ids_from"].startswith("cached model_id")
+    (chg,) = thr["vocabulary"]["changed_from"].values()  # thresholds only: no tag added or removed
+    assert (chg["vocab_id"], chg["added_tags"], chg["removed_tags"]) == (first["vocab_id"], 0, 0)
     fresh = go(output=tmp_path / "fresh", **{"vocabulary.threshold": 0.7})
     assert fresh["model_loaded"] and fresh["vocab_id"] == thr["vocab_id"]  # same id without the model
     assert _tags(out) == _tags(tmp_path / "fresh")
 
     sub = go(**{"vocabulary.threshold": 0.7, "vocabulary.tags": ("tag_000", "tag_003", "tag_007")})
-    assert not sub["model_loaded"] and sub["counts"]["incremental"]["grown"] > 0
+    assert not sub["model_loaded"] and sub["counts"]["incremental"]["vocab_changed"] > 0
+    (chg,) = sub["vocabulary"]["changed_from"].values()  # a tag removal is reported as one
+    assert (chg["added_tags"], chg["removed_tags"], chg["computed_tags"]) == (0, thr["vocabulary"]["tags"] - 3, 0)
     fresh_sub = go(output=tmp_path / "fresh_sub",
                    **{"vocabulary.threshold": 0.7, "vocabulary.tags": ("tag_000", "tag_003", "tag_007")})
     assert fresh_sub["vocab_id"] == sub["vocab_id"]

@@ -43,7 +43,7 @@ def check_run(output: str, storage: Storage, result, prefix: str, tmp_path, exp,
     m = result.manifest
     assert m["status"] == "committed"
     assert m["counts"]["listed"] == N_TAGGED + n_errors
-    assert (m["counts"]["tagged"], m["counts"]["errors"], m["counts"]["skipped"]) == (N_TAGGED, n_errors, N_SKIPPED)
+    assert (m["counts"]["tagged"], m["counts"]["errors"], m["counts"]["not_images"]) == (N_TAGGED, n_errors, N_SKIPPED)
     assert m["invariant"]["ok"], m["invariant"]
     assert result.run_id in committed_runs(output, storage)
     assert read_manifest(output, result.run_id, storage) == json.loads(json.dumps(m, default=str))
@@ -173,7 +173,7 @@ def test_empty_input_commits_an_empty_run(ray_local, tmp_path):
     out = tmp_path / "out"
     cfg = load_config(str(job_config(tmp_path)), inputs=[str(src)], output=str(out), checkpoint=str(CHECKPOINT))
     result = run(cfg, emit=lambda s: None)
-    assert result.manifest["counts"] == {**result.manifest["counts"], "listed": 0, "tagged": 0, "errors": 0, "skipped": 1}
+    assert result.manifest["counts"] == {**result.manifest["counts"], "listed": 0, "tagged": 0, "errors": 0, "not_images": 1}
     assert result.manifest["invariant"]["ok"]
     assert committed_runs(str(out)) == [result.run_id]
     with pytest.raises(Exception, match="already used"):

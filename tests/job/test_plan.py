@@ -126,7 +126,7 @@ def test_classification_and_deletions(tmp_path):
     state, plan = out.plan(tmp_path, files)
     assert len(state) == 9 and state.rows_read == 9, "one current row per image"
     assert state.versions == {"tags": 2, "errors": 1}
-    assert plan.counts == {"skipped": 3, "new": 2, "changed": 1, "retried": 1, "grown": 0, "retagged": 1,
+    assert plan.counts == {"already_done": 3, "new": 2, "changed": 1, "retried": 1, "vocab_changed": 0, "retagged": 1,
                            "deleted": 1}
     rows = plan_rows(plan)
     assert set(rows) == {u("changed"), u("fetch_err"), u("other_model"), u("new"), "s3://b/in/hidden"}
@@ -140,7 +140,7 @@ def test_classification_and_deletions(tmp_path):
     _, plan = out.plan(tmp_path, files, retry=("decode",))
     assert plan.counts["retried"] == 1 and u("decode_err") in plan_rows(plan)
     _, plan = out.plan(tmp_path, files, mode="all")
-    assert plan.work == 8 and plan.counts["skipped"] == 0 and plan.counts["deleted"] == 1
+    assert plan.work == 8 and plan.counts["already_done"] == 0 and plan.counts["deleted"] == 1
 
 
 def test_local_versions_use_size_and_mtime(tmp_path):
@@ -152,7 +152,7 @@ def test_local_versions_use_size_and_mtime(tmp_path):
     later = datetime(2026, 3, 2, tzinfo=timezone.utc)
     files = out.listing(tmp_path, [("file:///in/a.jpg", None, 5, T0, None), ("file:///in/b.jpg", None, 5, T0, None)])
     _, plan = out.plan(tmp_path, files, prefixes=["file:///in"])
-    assert (plan.counts["skipped"], plan.counts["new"]) == (1, 1)
+    assert (plan.counts["already_done"], plan.counts["new"]) == (1, 1)
     files = out.listing(tmp_path, [("file:///in/a.jpg", None, 5, later, None)])
     _, plan = out.plan(tmp_path, files, prefixes=["file:///in"])
     assert plan.counts["changed"] == 1
@@ -177,7 +177,7 @@ def test_grown_rows_carry_the_old_scores_and_the_copy_rule(tmp_path):
                                            for i, k in enumerate(scores)], tags=scores)
     files = out.listing(tmp_path, [(k, f"e-{k}", 1, T0, None) for k in scores] + [(u("z"), "e", 1, T0, None)])
     _, plan = out.plan(tmp_path, files, desc=desc, cache=True)
-    assert (plan.counts["grown"], plan.counts["new"]) == (2, 1)
+    assert (plan.counts["vocab_changed"], plan.counts["new"]) == (2, 1)
     key = "v0@0.10000000149011612"
     assert plan.keys[key]["compute"] == [2, 3, 4] and plan.keys[key]["copied_tags"] == 2
     rows = plan_rows(plan)
