@@ -22,17 +22,19 @@ class AliasRefused(yaml.MarkedYAMLError):
     """An anchor (`&name`) or alias (`*name`) in a settings file."""
 
 
-class _PlainLoader(yaml.SafeLoader):
-    def compose_node(self, parent, index):
-        event = self.peek_event()
-        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
-            raise AliasRefused(problem="YAML aliases are not allowed", problem_mark=event.start_mark)
-        return super().compose_node(parent, index)
+# libyaml when the installed PyYAML has it: a 5 MB file parses in 0.1 s instead of ~10 s
+_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 def load(text: str) -> Any:
-    """The document in `text` as plain Python data; raises yaml.YAMLError (see `problem`)."""
-    return yaml.load(text, Loader=_PlainLoader)  # noqa: S506 - a SafeLoader subclass
+    """The document in `text` as plain Python data; raises yaml.YAMLError (see `problem`).
+
+    The events are checked first (cheap: nothing is built), then the document is loaded.
+    """
+    for event in yaml.parse(text, Loader=_Loader):
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            raise AliasRefused(problem="YAML aliases are not allowed", problem_mark=event.start_mark)
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a safe loader
 
 
 def problem(e: yaml.YAMLError) -> str:

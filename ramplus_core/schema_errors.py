@@ -124,6 +124,8 @@ def explain(err: ValidationError, model: type[BaseModel], hidden: Container[str]
         return f"{dotted(loc + (ctx['error'].key,))}: {ctx['error'].text}"
     if kind == "value_error":
         text = clip(str(ctx.get("error") or e["msg"]), 200)
+    elif kind == "too_long" and isinstance(e.get("input"), str):
+        text = _SAY["string_too_long"].format(**ctx)
     elif kind in _SAY:
         text = _SAY[kind].format(**{k: clip(str(v), 120) for k, v in ctx.items()})
     else:

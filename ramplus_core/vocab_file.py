@@ -77,9 +77,10 @@ def _not_blank(v: str) -> str:
 
 
 def _builtin(v):
-    if v is None or v in ("all", "none") or (isinstance(v, list) and all(isinstance(s, str) for s in v)):
+    if v is None or v in ("all", "none") or (
+            isinstance(v, list) and all(isinstance(s, str) and len(s) <= MAX_NAME for s in v)):
         return v
-    raise ValueError("must be 'all', 'none' or a list of tag names")
+    raise ValueError(f"must be 'all', 'none' or a list of tag names (each at most {MAX_NAME} characters)")
 
 
 Name = Annotated[str, BeforeValidator(_number_as_name), Strict(), Field(max_length=MAX_NAME),
@@ -238,7 +239,7 @@ def _read_doc(uri: str) -> tuple[dict, str]:
 def _which_tag(raw, err: ValidationError) -> str:
     """"tag 'name': " when the first error is inside a tag that has a name, so the message says which."""
     loc = err.errors(include_url=False)[0]["loc"]
-    if len(loc) > 2 and loc[0] == "tags" and isinstance(loc[1], int) and isinstance(raw, dict):
+    if len(loc) > 2 and loc[0] == "tags" and isinstance(loc[1], int) and loc[2] != "name" and isinstance(raw, dict):
         entry = (raw.get("tags") or [None] * (loc[1] + 1))[loc[1]]
         if isinstance(entry, dict) and isinstance(entry.get("name"), str) and entry["name"].strip():
             return f"tag {clip(entry['name'].strip())!r}: "
@@ -262,7 +263,8 @@ def load_vocabulary(uri: str, builtin: Vocabulary, tower=None, cache=None) -> "V
         index = {n: i for i, n in enumerate(builtin.names)}
         missing = [s for s in sel if s not in index]
         if missing:
-            raise VocabularyError(f"{uri}: builtin lists tags that are not built in: {missing[:10]}")
+            raise VocabularyError(f"{clip(uri, 200)}: builtin lists {len(missing)} tag(s) that are not built in: "
+                                  f"{[clip(m, 40) for m in missing[:3]]}")
         keep = [index[s] for s in sel]
     else:
         raise VocabularyError(f"{uri}: builtin must be 'all', 'none' or a list of tag names, got {sel!r}")
