@@ -29,17 +29,17 @@ from typing import Annotated, Any, Optional
 import numpy as np
 import torch
 import yaml
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, Strict, ValidationError, model_validator
+from pydantic import AfterValidator, BeforeValidator, Field, Strict, ValidationError, model_validator
 
 from . import plain_yaml
 from .errors import VocabularyError
 from .schema_errors import clip, explain
+from .schema_types import Num, Section, Text
 from .vocabulary import OPEN_SET_THRESHOLD, Vocabulary
 
 UNIT_TOLERANCE = 1e-3
 MAX_NAME = 200  # characters of a tag name or its Chinese name
 MAX_DESCRIPTION = 1000  # characters of one description (CLIP reads its first 77 tokens)
-MAX_URI = 4096
 
 # Our own phrasings; their embeddings are averaged into one description (a CLIP-style
 # prompt ensemble) for a tag given by name alone.
@@ -70,12 +70,6 @@ def _stripped_name(v: str) -> str:
     return v.strip()
 
 
-def _not_blank(v: str) -> str:
-    if not v.strip():
-        raise ValueError("must not be blank")
-    return v
-
-
 def _builtin(v):
     if v is None or v in ("all", "none") or (
             isinstance(v, list) and all(isinstance(s, str) and len(s) <= MAX_NAME for s in v)):
@@ -85,19 +79,13 @@ def _builtin(v):
 
 Name = Annotated[str, BeforeValidator(_number_as_name), Strict(), Field(max_length=MAX_NAME),
                  AfterValidator(_stripped_name)]
-Uri = Annotated[str, Strict(), Field(max_length=MAX_URI), AfterValidator(_not_blank)]
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, populate_by_name=True)
-
-
-class TagEntry(_Strict):
+class TagEntry(Section):
     name: Name
-    descriptions: Optional[list[Annotated[str, Strict(), Field(max_length=MAX_DESCRIPTION),
-                                          AfterValidator(_not_blank)]]] = None
-    embeddings: Optional[Uri] = None
-    threshold: Annotated[float, Strict()] = Field(OPEN_SET_THRESHOLD, gt=0, lt=1)
+    descriptions: Optional[list[Annotated[Text, Field(max_length=MAX_DESCRIPTION)]]] = None
+    embeddings: Optional[Text] = None
+    threshold: Num = Field(OPEN_SET_THRESHOLD, gt=0, lt=1)
     zh: Optional[Annotated[str, Strict(), Field(max_length=MAX_NAME)]] = None
 
     @model_validator(mode="before")
@@ -107,12 +95,12 @@ class TagEntry(_Strict):
         return {"name": v} if isinstance(v, str) else v
 
 
-class VocabFile(_Strict):
+class VocabFile(Section):
     builtin: Annotated[Any, AfterValidator(_builtin)] = "all"
     tags: Optional[list[TagEntry]] = None
-    import_: Optional[list[Uri]] = Field(None, alias="import")
-    text_encoder: Optional[Uri] = None
-    cache: Optional[Uri] = None
+    import_: Optional[list[Text]] = Field(None, alias="import")
+    text_encoder: Optional[Text] = None
+    cache: Optional[Text] = None
 
 
 @dataclass

@@ -18,54 +18,19 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
 
 import yaml
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, Strict, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from .. import plain_yaml
 from ..errors import ConfigError
 from ..preprocess import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from ..schema_errors import KeyProblem, clip, explain
+from ..schema_types import Flag, Int, Num, Section, Text, Texts, listed, matching
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 SECRET_KEYS = ("access_key_id", "secret_access_key", "session_token")
 REDACTED = "***"
-MAX_URI = 4096  # PATH_MAX; an S3 key is at most 1024 bytes
-
-
-def _matching(pattern: str, says: str) -> AfterValidator:
-    rx = re.compile(pattern)
-
-    def check(v: str) -> str:
-        if not rx.match(v):
-            raise ValueError(says)
-        return v
-    return AfterValidator(check)
-
-
-def _not_blank(v: str) -> str:
-    if not v.strip():
-        raise ValueError("must be a non-empty string")
-    return v
-
-
-Int = Annotated[int, Strict()]
-Num = Annotated[float, Strict()]  # an integer is a number too; true/false is not
-Flag = Annotated[bool, Strict()]
-Text = Annotated[str, Strict(), Field(max_length=MAX_URI), AfterValidator(_not_blank)]
 Secret = Annotated[Optional[Text], Field(repr=False)]
-
-
-def _one_is_a_list(v):
-    return [v] if isinstance(v, str) else v
-
-
-Texts = Annotated[tuple[Text, ...], BeforeValidator(_one_is_a_list)]  # a single string is a list of one
 Retries = Annotated[Int, Field(ge=-1, le=1000)]  # -1: no limit
-
-
-class Section(BaseModel):
-    """Unknown keys refused, values checked for type and range, instances immutable."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class StorageConfig(Section):
@@ -80,12 +45,11 @@ class StorageConfig(Section):
     max_attempts: Int = Field(10, gt=0, le=100)
 
 
-Extension = Annotated[Text, _matching(r"^\.[^\s/]{1,15}$", "must look like '.jpg'")]
+Extension = Annotated[Text, matching(r"^\.[^\s/]{1,15}$", "must look like '.jpg'")]
 
 
 class ListingConfig(Section):
-    extensions: Annotated[tuple[Extension, ...], BeforeValidator(_one_is_a_list)] = \
-        Field(IMAGE_EXTENSIONS, min_length=1, max_length=100)
+    extensions: listed(Extension) = Field(IMAGE_EXTENSIONS, min_length=1, max_length=100)
     rows_per_file: Int = Field(100_000, gt=0, le=10_000_000)
     follow_links: Flag = False  # off: only links to files inside the input folder are listed
 
@@ -155,7 +119,7 @@ class InferenceConfig(Section):
     gpus_per_actor: Optional[Num] = Field(None, ge=0, le=64)
     num_cpus: Num = Field(1.0, gt=0, le=1024)
     torch_threads: Optional[Int] = Field(None, gt=0, le=1024)
-    device: Optional[Annotated[Text, _matching(r"^(cpu|cuda(:\d{1,3})?)$", "must be cpu, cuda or cuda:N")]] = None
+    device: Optional[Annotated[Text, matching(r"^(cpu|cuda(:\d{1,3})?)$", "must be cpu, cuda or cuda:N")]] = None
     dtype: Literal["fp32", "float32", "bf16", "bfloat16", "fp16", "float16"] = "fp32"
     chunk_size: Int = Field(1024, gt=0, le=1_000_000)
     score_floor: Num = Field(0.1, ge=0, le=1)
@@ -218,7 +182,7 @@ class JobConfig(Section):
     input: Texts = ()
     output: Optional[Text] = None
     checkpoint: Optional[Text] = None
-    run_id: Optional[Annotated[Text, _matching(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$",
+    run_id: Optional[Annotated[Text, matching(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$",
                                                "must be letters, digits, '-', '_' or '.' (it names files)")]] = None
     mode: Literal["missing", "all"] = "missing"
     storage: StorageConfig = StorageConfig()
