@@ -13,7 +13,9 @@
         embeddings: s3://bucket/vocab/house_style.npy   # [k, 512], unit rows
       - name: skateboard park   # neither: the prompt-template ensemble
 
-Every mistake is reported with the tag's name, before any model work starts.
+Every mistake is reported with the tag's name, before any model work starts: the file's
+shape (keys, types, ranges) is a pydantic model, read without YAML aliases, and a mistake is
+one short sentence (schema_errors) whatever the size of the value that caused it.
 """
 
 from __future__ import annotations
@@ -22,17 +24,22 @@ import io
 import json
 import math
 from dataclasses import dataclass, field
+from typing import Annotated, Any, Optional
 
 import numpy as np
 import torch
 import yaml
+from pydantic import AfterValidator, BeforeValidator, Field, Strict, ValidationError, model_validator
 
+from . import plain_yaml
 from .errors import VocabularyError
+from .schema_errors import clip, explain
+from .schema_types import Num, Section, Text
 from .vocabulary import OPEN_SET_THRESHOLD, Vocabulary
 
-FILE_KEYS = {"builtin", "tags", "import", "text_encoder", "cache"}
-TAG_KEYS = {"name", "descriptions", "embeddings", "threshold", "zh"}
 UNIT_TOLERANCE = 1e-3
+MAX_NAME = 200  # characters of a tag name or its Chinese name
+MAX_DESCRIPTION = 1000  # characters of one description (CLIP reads its first 77 tokens)
 
 # Our own phrasings; their embeddings are averaged into one description (a CLIP-style
 # prompt ensemble) for a tag given by name alone.
@@ -52,6 +59,50 @@ TEMPLATES = (
 )
 
 
+def _number_as_name(v):
+    """`name: 1984` is the tag "1984" (YAML reads it as a number)."""
+    return str(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v
+
+
+def _stripped_name(v: str) -> str:
+    if not v.strip():
+        raise ValueError("a tag has an empty name")
+    return v.strip()
+
+
+def _builtin(v):
+    if v is None or v in ("all", "none") or (
+            isinstance(v, list) and all(isinstance(s, str) and len(s) <= MAX_NAME for s in v)):
+        return v
+    raise ValueError(f"must be 'all', 'none' or a list of tag names (each at most {MAX_NAME} characters)")
+
+
+Name = Annotated[str, BeforeValidator(_number_as_name), Strict(), Field(max_length=MAX_NAME),
+                 AfterValidator(_stripped_name)]
+
+
+class TagEntry(Section):
+    name: Name
+    descriptions: Optional[list[Annotated[Text, Field(max_length=MAX_DESCRIPTION)]]] = None
+    embeddings: Optional[Text] = None
+    threshold: Num = Field(OPEN_SET_THRESHOLD, gt=0, lt=1)
+    zh: Optional[Annotated[str, Strict(), Field(max_length=MAX_NAME)]] = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bare_name(cls, v):
+        """`- skateboard park` is a tag given by name alone."""
+        return {"name": v} if isinstance(v, str) else v
+
+
+class VocabFile(Section):
+    builtin: Annotated[Any, AfterValidator(_builtin)] = "all"
+    tags: Optional[list[TagEntry]] = None
+    import_: Optional[list[Text]] = Field(None, alias="import")
+    text_encoder: Optional[Text] = None
+    cache: Optional[Text] = None
+
+
 @dataclass
 class TagSpec:
     name: str
@@ -69,9 +120,9 @@ def _read_text(uri: str) -> str:
         with fsspec.open(uri, "rt", encoding="utf-8") as f:
             return f.read()
     except FileNotFoundError:
-        raise VocabularyError(f"vocabulary file not found: {uri}") from None
+        raise VocabularyError(f"vocabulary file not found: {clip(uri, 200)}") from None
     except Exception as e:  # noqa: BLE001
-        raise VocabularyError(f"cannot read {uri}: {type(e).__name__}: {e}") from None
+        raise VocabularyError(f"cannot read {clip(uri, 200)}: {type(e).__name__}: {clip(str(e), 200)}") from None
 
 
 def _read_npy(uri: str, tag: str) -> np.ndarray:
@@ -81,54 +132,37 @@ def _read_npy(uri: str, tag: str) -> np.ndarray:
         with fsspec.open(uri, "rb") as f:
             return np.load(io.BytesIO(f.read()), allow_pickle=False)
     except FileNotFoundError:
-        raise VocabularyError(f"tag {tag!r}: embeddings file not found: {uri}") from None
+        raise VocabularyError(f"tag {tag!r}: embeddings file not found: {clip(uri, 200)}") from None
     except Exception as e:  # noqa: BLE001
-        raise VocabularyError(f"tag {tag!r}: cannot read embeddings {uri} as .npy: {e}") from None
+        raise VocabularyError(f"tag {tag!r}: cannot read embeddings {clip(uri, 200)} as .npy: {clip(str(e), 200)}") from None
 
 
 def read_llm_descriptions(uri: str) -> list[TagSpec]:
     """The paper's LLM-description JSON: a list of {tag: [sentences]} objects."""
+    where = clip(uri, 200)
     try:
         data = json.loads(_read_text(uri))
     except json.JSONDecodeError as e:
-        raise VocabularyError(f"{uri} is not valid JSON: {e}") from None
+        raise VocabularyError(f"{where} is not valid JSON: {e}") from None
     if not isinstance(data, list):
-        raise VocabularyError(f"{uri}: expected a list of {{tag: [sentences]}} objects")
+        raise VocabularyError(f"{where}: expected a list of {{tag: [sentences]}} objects")
     specs = []
     for i, item in enumerate(data):
         if not isinstance(item, dict):
-            raise VocabularyError(f"{uri}: entry {i} is not an object")
+            raise VocabularyError(f"{where}: entry {i} is not an object")
         for name, sentences in item.items():
             if not isinstance(sentences, list) or not all(isinstance(s, str) for s in sentences):
-                raise VocabularyError(f"{uri}: tag {name!r}: descriptions must be a list of strings")
+                raise VocabularyError(f"{where}: tag {clip(name)!r}: descriptions must be a list of strings")
             specs.append(TagSpec(name=str(name).strip(), where=uri, descriptions=list(sentences)))
     return specs
 
 
-def _parse_tag(entry, i: int, base: str) -> TagSpec:
-    where = f"tags[{i}]"
-    if isinstance(entry, str):
-        entry = {"name": entry}
-    if not isinstance(entry, dict):
-        raise VocabularyError(f"{where}: expected a mapping with at least 'name'")
-    unknown = set(entry) - TAG_KEYS
-    if unknown:
-        raise VocabularyError(f"{where} ({entry.get('name')!r}): unknown keys {sorted(unknown)}; allowed: {sorted(TAG_KEYS)}")
-    name = str(entry.get("name") or "").strip()
-    if not name:
-        raise VocabularyError(f"{where}: a tag has an empty name")
-    spec = TagSpec(name=name, where=where)
-    desc = entry.get("descriptions") or []
-    if not isinstance(desc, list) or not all(isinstance(s, str) and s.strip() for s in desc):
-        raise VocabularyError(f"tag {name!r}: descriptions must be a list of non-empty strings")
-    spec.descriptions = list(desc)
-    if entry.get("embeddings") is not None:
-        spec.embeddings = _read_npy(_resolve(str(entry["embeddings"]), base), name)
-    th = entry.get("threshold", OPEN_SET_THRESHOLD)
-    if not isinstance(th, (int, float)) or not 0.0 < float(th) < 1.0:
-        raise VocabularyError(f"tag {name!r}: threshold must be a number between 0 and 1, got {th!r}")
-    spec.threshold = float(th)
-    spec.zh = entry.get("zh")
+def _parse_tag(entry: dict, i: int, base: str) -> TagSpec:
+    """A TagSpec from one entry of a checked file (`_read_doc`); reads its embeddings file if any."""
+    spec = TagSpec(name=entry["name"], where=f"tags[{i}]", descriptions=list(entry["descriptions"] or []),
+                   threshold=float(entry["threshold"]), zh=entry["zh"])
+    if entry["embeddings"] is not None:
+        spec.embeddings = _read_npy(_resolve(entry["embeddings"], base), spec.name)
     return spec
 
 
@@ -163,11 +197,11 @@ def check_file(uri: str) -> list[str]:
     doc, base = _read_doc(uri)
     refs = []
     for imp in doc.get("import") or []:
-        refs.append(_resolve(str(imp), base))
+        refs.append(_resolve(imp, base))
         read_llm_descriptions(refs[-1])
     for i, entry in enumerate(doc.get("tags") or []):
         if _parse_tag(entry, i, base).embeddings is not None:
-            refs.append(_resolve(str(entry["embeddings"]), base))
+            refs.append(_resolve(entry["embeddings"], base))
     if doc.get("text_encoder"):
         refs.append(_resolve(str(doc["text_encoder"]), base))
     return refs
@@ -177,17 +211,27 @@ references = check_file
 
 
 def _read_doc(uri: str) -> tuple[dict, str]:
+    """The file checked against VocabFile, as plain data (tags as mappings with every key)."""
     text = _read_text(uri)
     try:
-        doc = yaml.safe_load(text) or {}
+        raw = plain_yaml.load(text)
     except yaml.YAMLError as e:
-        raise VocabularyError(f"{uri} is not valid YAML: {e}") from None
-    if not isinstance(doc, dict):
-        raise VocabularyError(f"{uri}: expected a mapping with keys {sorted(FILE_KEYS)}")
-    unknown = set(doc) - FILE_KEYS
-    if unknown:
-        raise VocabularyError(f"{uri}: unknown keys {sorted(unknown)}; allowed: {sorted(FILE_KEYS)}")
-    return doc, (uri.rsplit("/", 1)[0] if "/" in uri else "")
+        raise VocabularyError(f"{clip(uri, 200)}: {plain_yaml.problem(e)}") from None
+    try:
+        doc = VocabFile.model_validate({} if raw is None else raw)
+    except ValidationError as e:
+        raise VocabularyError(f"{clip(uri, 200)}: {_which_tag(raw, e)}{explain(e, VocabFile)}") from None
+    return doc.model_dump(by_alias=True), (uri.rsplit("/", 1)[0] if "/" in uri else "")
+
+
+def _which_tag(raw, err: ValidationError) -> str:
+    """"tag 'name': " when the first error is inside a tag that has a name, so the message says which."""
+    loc = err.errors(include_url=False)[0]["loc"]
+    if len(loc) > 2 and loc[0] == "tags" and isinstance(loc[1], int) and loc[2] != "name" and isinstance(raw, dict):
+        entry = (raw.get("tags") or [None] * (loc[1] + 1))[loc[1]]
+        if isinstance(entry, dict) and isinstance(entry.get("name"), str) and entry["name"].strip():
+            return f"tag {clip(entry['name'].strip())!r}: "
+    return ""
 
 
 def load_vocabulary(uri: str, builtin: Vocabulary, tower=None, cache=None) -> "VocabularyBuild":
@@ -207,7 +251,8 @@ def load_vocabulary(uri: str, builtin: Vocabulary, tower=None, cache=None) -> "V
         index = {n: i for i, n in enumerate(builtin.names)}
         missing = [s for s in sel if s not in index]
         if missing:
-            raise VocabularyError(f"{uri}: builtin lists tags that are not built in: {missing[:10]}")
+            raise VocabularyError(f"{clip(uri, 200)}: builtin lists {len(missing)} tag(s) that are not built in: "
+                                  f"{[clip(m, 40) for m in missing[:3]]}")
         keep = [index[s] for s in sel]
     else:
         raise VocabularyError(f"{uri}: builtin must be 'all', 'none' or a list of tag names, got {sel!r}")

@@ -235,7 +235,7 @@ def test_bad_vocabulary_file_exit_2(capsys, golden, tmp_path):
     (tmp_path / "vocab.yaml").write_text("builtin: all\ncolour: red\n")
     code, out, err = _main(capsys, "tag", golden.image_paths[0], "-c", golden.checkpoint,
                            "--vocabulary", tmp_path / "vocab.yaml")
-    assert code == 2 and out == "" and "unknown keys" in err and len(err.strip().splitlines()) == 1
+    assert code == 2 and out == "" and "unknown key 'colour'" in err and len(err.strip().splitlines()) == 1
 
 
 def test_inference_failure_fails_only_its_batch(capsys, monkeypatch, golden):

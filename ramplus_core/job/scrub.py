@@ -19,7 +19,11 @@ from .config import SECRET_KEYS
 from .storage import scrub
 
 SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
-_SET_SECRET = re.compile(r"(storage\.(?:%s)\s*[=:]\s*)[^\s'\",}]+" % "|".join(SECRET_KEYS))
+# `--set storage.secret_access_key=VALUE` as argv shows it: the value is what is attached to
+# the `=`, up to a space, quote, comma or brace. A message that merely names the key
+# ("storage.secret_access_key: give both or neither") holds no value, and an empty value
+# (`...=` then a space) must not take the next word with it.
+_SET_SECRET = re.compile(r"(storage\.(?:%s)=)[^\s'\",}]+" % "|".join(SECRET_KEYS))
 
 
 class Scrubber:

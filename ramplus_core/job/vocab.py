@@ -30,6 +30,7 @@ from typing import Optional
 import numpy as np
 
 from ..errors import ConfigError, VocabularyError
+from ..schema_errors import clip
 from .config import VocabularyConfig
 from .storage import Storage, join
 
@@ -111,6 +112,11 @@ def select_vocabulary(vocab, vc: VocabularyConfig):
                       embeds=vocab.embeds[t], mask=vocab.mask[t])
 
 
+def _in_file(uri: str, e: VocabularyError) -> str:
+    """The error under the key that named the file, which the message then need not repeat."""
+    return f"vocabulary.file {clip(uri, 200)}: {str(e).removeprefix(clip(uri, 200) + ': ')}"
+
+
 def check_vocabulary(vc: VocabularyConfig) -> None:
     """Read and check the vocabulary settings' files before any checkpoint byte is read.
 
@@ -127,7 +133,7 @@ def check_vocabulary(vc: VocabularyConfig) -> None:
         try:
             check_file(vc.file)
         except VocabularyError as e:
-            raise VocabularyError(f"vocabulary.file {vc.file}: {e}") from None
+            raise VocabularyError(_in_file(vc.file, e)) from None
 
 
 def build_vocabulary(vc: VocabularyConfig, builtin):
@@ -139,7 +145,7 @@ def build_vocabulary(vc: VocabularyConfig, builtin):
         try:
             vocab = load_vocabulary(vc.file, builtin).vocabulary
         except VocabularyError as e:
-            raise VocabularyError(f"vocabulary.file {vc.file}: {e}") from None
+            raise VocabularyError(_in_file(vc.file, e)) from None
     return select_vocabulary(vocab, vc)
 
 

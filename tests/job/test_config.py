@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import time
 
 import pytest
 import yaml
@@ -219,16 +218,14 @@ def test_cli_config_error_is_one_line_exit_2(tmp_path):
 def test_cli_bad_checkpoint_fails_fast_before_listing(tmp_path):
     bad = tmp_path / "ram_plus.pth"
     bad.write_bytes(b"PK\x03\x04 not really a zip")
-    t = time.monotonic()
     r = run_cli("--input", str(REPO / "tests" / "golden" / "tiny" / "images"), "--output", str(tmp_path / "out"),
                 "--checkpoint", str(bad))
-    elapsed = time.monotonic() - t
     assert r.returncode == 2, r.stderr
     assert r.stderr.startswith("tag_bucket: error: ") and r.stderr.strip().count("\n") == 0, r.stderr
     assert "ram_plus.pth" in r.stderr
     assert not (tmp_path / "out").exists(), "nothing may be listed or written"
+    # "fast" is what did not happen: no listing, no Ray (a wall-clock bound fails on a loaded machine)
     assert "listed" not in r.stdout and "ray:" not in r.stdout
-    assert elapsed < 60
 
 
 def test_cli_refuses_a_checkpoint_with_nan_weights_exit_2(tmp_path):

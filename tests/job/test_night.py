@@ -172,7 +172,7 @@ def test_checks_without_a_model_come_before_the_checkpoint(tmp_path, case):
     elif case == "vocab_file":
         (tmp_path / "v.yaml").write_text("builtin: all\ntags:\n  - name: logo\n    colour: red\n")
         args += ["--vocab", str(tmp_path / "v.yaml")]
-        expect = "unknown keys ['colour']"
+        expect = "tag 'logo': unknown key 'tags[0].colour'"
     else:
         args += ["--set", f"vocabulary.tags_file={tmp_path / 'no-such-tags.txt'}"]
         expect = "vocabulary.tags_file"
