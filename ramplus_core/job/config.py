@@ -67,6 +67,7 @@ class ListingConfig:
     extensions: tuple[str, ...] = IMAGE_EXTENSIONS
     rows_per_file: int = field(default=100_000, metadata=_check(_positive))
     follow_links: bool = False  # off: only links to files inside the input folder are listed
+    parallelism: int = field(default=8, metadata=_check(_positive))  # S3 folder listings at once
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,8 @@ the first image moves (a known Ray Data slowness), and holding them in a Python 
 gigabytes. Instead the driver streams the listing page by page (S3 pages of 1000 keys,
 one directory at a time elsewhere) into Parquet files of `listing.rows_per_file` rows under
 the run's staging folder, and Ray Data reads those few files. The driver never holds more
-than one file's rows.
+than one file's rows. An S3 prefix with folders is listed on `listing.parallelism` threads
+(s3_listing.py, fanout.py), its pages streamed through a bounded queue into the same writer.
 
 Local files get no ETag here: their content hash is computed by the reader from the bytes
 it reads anyway (MD5, which is what S3 reports as the ETag of a single-part upload), so
@@ -111,13 +112,15 @@ class ListingFailed(RamPlusError):
 
 # -- per-filesystem streaming walkers ------------------------------------------------------
 
-def iter_entries(uri: str, storage: Storage, follow_links: bool = False) -> Iterator[Entry]:
-    """Every object under a prefix (or the object itself), streamed."""
+def iter_entries(uri: str, storage: Storage, follow_links: bool = False, parallelism: int = 1) -> Iterator[Entry]:
+    """Every object under a prefix (or the object itself), streamed; S3 on `parallelism` threads."""
     scheme = uri_scheme(uri)
     if scheme == "file":
         yield from _iter_local(local_path(uri), follow_links)
     elif scheme in ("s3", "s3a"):
-        yield from _iter_s3(uri, storage, scheme)
+        from .s3_listing import iter_s3
+
+        yield from iter_s3(uri, storage, scheme, parallelism)
     else:
         yield from _iter_fsspec(uri, storage, scheme)
 
@@ -194,48 +197,6 @@ def _kind(mode: int) -> str:
     return "non-regular file"
 
 
-def _iter_s3(uri: str, storage: Storage, scheme: str) -> Iterator[Entry]:
-    from fsspec.asyn import sync
-
-    fs, path = storage.fsspec(uri)
-    bucket, _, key = path.partition("/")
-    key = key.strip("/")
-    prefix = key + "/" if key else ""
-    agen = fs._iterdir(bucket, delimiter="", prefix=prefix)
-
-    async def take(n):
-        out = []
-        try:
-            while len(out) < n:
-                out.append(await agen.__anext__())
-        except StopAsyncIteration:
-            out.append(None)
-        return out
-
-    found = False
-    while True:
-        page = sync(fs.loop, take, _PAGE)
-        done = page and page[-1] is None
-        for info in page:
-            if info is None:
-                continue
-            name = info["name"]
-            if name.endswith("/"):  # folder marker objects
-                continue
-            found = True
-            yield Entry(to_uri(scheme, name), int(info.get("size") or 0), _etag(info), _dt(info.get("LastModified")))
-        if done:
-            break
-    if not found and key:
-        # The input may name a single object rather than a prefix.
-        try:
-            info = fs.info(path)
-        except FileNotFoundError:
-            return
-        if info.get("type") == "file":
-            yield Entry(to_uri(scheme, path), int(info.get("size") or 0), _etag(info), _dt(info.get("LastModified")))
-
-
 def _iter_fsspec(uri: str, storage: Storage, scheme: str) -> Iterator[Entry]:
     fs, path = storage.fsspec(uri)
     if fs.isfile(path):
@@ -305,7 +266,7 @@ class _ShardWriter:
 
 
 def list_inputs(inputs, storage: Storage, extensions: tuple[str, ...], staging_uri: str,
-                rows_per_file: int, progress=None, follow_links: bool = False) -> ListingResult:
+                rows_per_file: int, progress=None, follow_links: bool = False, parallelism: int = 1) -> ListingResult:
     """Stream every input prefix into listing shards; count what is not an image as skipped
     and what has an image name but is not a regular file as not_regular."""
     t0 = time.perf_counter()
@@ -317,7 +278,7 @@ def list_inputs(inputs, storage: Storage, extensions: tuple[str, ...], staging_u
     for uri in inputs:
         n_in = 0
         try:
-            for e in iter_entries(uri, storage, follow_links):
+            for e in iter_entries(uri, storage, follow_links, parallelism):
                 if not e.folder and not has_extension(e.uri, exts):
                     res.skipped += 1
                     _example(res.skipped_examples, e.uri)
