@@ -3,7 +3,8 @@
 `listing.parallelism: 1` is the single stream (one request after the other, 1000 keys each);
 above 1, `fanout.walk` opens the prefix's folders with delimiter listings and lists them on
 that many threads. Both share s3fs's event loop: the threads only wait on it, so the
-requests overlap while the XML of each page is still parsed on one core.
+requests overlap while the XML of each page is still parsed on one core (about 30 us a key
+once botocore leaves the timestamps alone: `Storage.list_fs`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ _BATCH = 1000  # items taken from s3fs's async iterator per hop onto its loop (o
 
 
 def iter_s3(uri: str, storage: Storage, scheme: str, parallelism: int = 1) -> Iterator[Entry]:
-    fs, path = storage.fsspec(uri)
+    fs, path = storage.list_fs(uri)
     bucket, _, key = path.partition("/")
     key = key.strip("/")
     prefix = key + "/" if key else ""

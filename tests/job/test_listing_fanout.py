@@ -63,12 +63,14 @@ def test_parallel_s3_listing_equals_the_single_stream(s3_server, tmp_path):
     assert {k[0] for k in seq} == {f"{root}/{k}" for k in images} and max(seq.values()) == 1
     r = next(k for k in seq if k[0].endswith("y2/m4/d1/img_0.jpg"))
     assert r[1] == 4 and r[2] == hashlib.md5(b"2410").hexdigest()
+    assert r[3] == fs.info(f"{s3_server.bucket}/tree/y2/m4/d1/img_0.jpg")["LastModified"], \
+        "the listing's own timestamp parsing (not botocore's) gives the same instant"
     for p in (2, 8):
         assert _rows(storage, results[p], staging) == seq, f"parallelism {p}: the same entries, each once"
         assert results[p].fingerprint == results[1].fingerprint
         assert (results[p].listed, results[p].skipped) == (results[1].listed, results[1].skipped)
     # every depth at which the walker may stop opening folders and list them whole
-    fsx, _ = storage.fsspec(root)
+    fsx, _ = storage.list_fs(root)
     lister = _lister(fsx, s3_server.bucket, "s3")
     for max_depth, target in ((1, None), (2, 1), (3, 1000), (9, 1000)):
         got = Counter(e.uri for page in walk("tree/", lister, 3, max_depth=max_depth, target=target) for e in page)
