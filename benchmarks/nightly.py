@@ -272,8 +272,7 @@ def phase_listing(staging: str, m: int) -> dict:
         mtime = [datetime.fromtimestamp((T0_US // 1_000_000) - k % 86_400, timezone.utc) for k in i.tolist()]
         entries = [Entry(u, s, e, t) for u, s, e, t in zip(_uris(i), size, etag.tolist(), mtime)]
         t = time.perf_counter()
-        for e in entries:
-            w.add(e)
+        w.add_page(entries)
         spent += time.perf_counter() - t
         listed += len(entries)
     t = time.perf_counter()

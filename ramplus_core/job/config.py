@@ -52,6 +52,7 @@ class ListingConfig(Section):
     extensions: listed(Extension) = Field(IMAGE_EXTENSIONS, min_length=1, max_length=100)
     rows_per_file: Int = Field(100_000, gt=0, le=10_000_000)
     follow_links: Flag = False  # off: only links to files inside the input folder are listed
+    parallelism: Int = Field(8, gt=0, le=256)  # S3 folder listings at once
 
 
 class FetchConfig(Section):

@@ -5,7 +5,8 @@ the first image moves (a known Ray Data slowness), and holding them in a Python 
 gigabytes. Instead the driver streams the listing page by page (S3 pages of 1000 keys,
 one directory at a time elsewhere) into Parquet files of `listing.rows_per_file` rows under
 the run's staging folder, and Ray Data reads those few files. The driver never holds more
-than one file's rows.
+than one file's rows. An S3 prefix with folders is listed on `listing.parallelism` threads
+(s3_listing.py, fanout.py), its pages streamed through a bounded queue into the same writer.
 
 Local files get no ETag here: their content hash is computed by the reader from the bytes
 it reads anyway (MD5, which is what S3 reports as the ETag of a single-part upload), so
@@ -111,13 +112,15 @@ class ListingFailed(RamPlusError):
 
 # -- per-filesystem streaming walkers ------------------------------------------------------
 
-def iter_entries(uri: str, storage: Storage, follow_links: bool = False) -> Iterator[Entry]:
-    """Every object under a prefix (or the object itself), streamed."""
+def iter_entries(uri: str, storage: Storage, follow_links: bool = False, parallelism: int = 1) -> Iterator[Entry]:
+    """Every object under a prefix (or the object itself), streamed; S3 on `parallelism` threads."""
     scheme = uri_scheme(uri)
     if scheme == "file":
         yield from _iter_local(local_path(uri), follow_links)
     elif scheme in ("s3", "s3a"):
-        yield from _iter_s3(uri, storage, scheme)
+        from .s3_listing import iter_s3
+
+        yield from iter_s3(uri, storage, scheme, parallelism)
     else:
         yield from _iter_fsspec(uri, storage, scheme)
 
@@ -194,48 +197,6 @@ def _kind(mode: int) -> str:
     return "non-regular file"
 
 
-def _iter_s3(uri: str, storage: Storage, scheme: str) -> Iterator[Entry]:
-    from fsspec.asyn import sync
-
-    fs, path = storage.fsspec(uri)
-    bucket, _, key = path.partition("/")
-    key = key.strip("/")
-    prefix = key + "/" if key else ""
-    agen = fs._iterdir(bucket, delimiter="", prefix=prefix)
-
-    async def take(n):
-        out = []
-        try:
-            while len(out) < n:
-                out.append(await agen.__anext__())
-        except StopAsyncIteration:
-            out.append(None)
-        return out
-
-    found = False
-    while True:
-        page = sync(fs.loop, take, _PAGE)
-        done = page and page[-1] is None
-        for info in page:
-            if info is None:
-                continue
-            name = info["name"]
-            if name.endswith("/"):  # folder marker objects
-                continue
-            found = True
-            yield Entry(to_uri(scheme, name), int(info.get("size") or 0), _etag(info), _dt(info.get("LastModified")))
-        if done:
-            break
-    if not found and key:
-        # The input may name a single object rather than a prefix.
-        try:
-            info = fs.info(path)
-        except FileNotFoundError:
-            return
-        if info.get("type") == "file":
-            yield Entry(to_uri(scheme, path), int(info.get("size") or 0), _etag(info), _dt(info.get("LastModified")))
-
-
 def _iter_fsspec(uri: str, storage: Storage, scheme: str) -> Iterator[Entry]:
     fs, path = storage.fsspec(uri)
     if fs.isfile(path):
@@ -278,78 +239,110 @@ def _dt(value) -> Optional[datetime]:
 # -- the URI table ---------------------------------------------------------------------------
 
 class _ShardWriter:
+    """Pages of entries into Parquet shards of exactly `rows_per_file` rows (the last one fewer).
+
+    Each page becomes Arrow columns at once (about 100 bytes a key instead of the entries'
+    Python objects), and is written out as soon as a shard's worth is there.
+    """
+
     def __init__(self, storage: Storage, staging_uri: str, rows_per_file: int):
         self.fs, self.root = storage.pyarrow(join(staging_uri, "listing"))
         ensure_dir(self.fs, self.root)
         self.rows_per_file = rows_per_file
-        self.buf: dict[str, list] = {k: [] for k in LISTING_SCHEMA.names}
+        self.parts: list[pa.Table] = []
+        self.n = 0
         self.files: list[str] = []
 
-    def add(self, e: Entry) -> None:
-        self.buf["uri"].append(e.uri)
-        self.buf["size"].append(e.size)
-        self.buf["etag"].append(e.etag)
-        self.buf["mtime"].append(e.mtime)
-        self.buf["list_error"].append(e.error)
-        if len(self.buf["uri"]) >= self.rows_per_file:
+    def add_page(self, page: list[Entry]) -> list[str]:
+        """Buffer (and write when full) a page; its URIs, for the caller's fingerprint."""
+        uris = [e.uri for e in page]
+        if not page:
+            return uris
+        self.parts.append(pa.table({
+            "uri": uris, "size": [e.size for e in page], "etag": [e.etag for e in page],
+            "mtime": [e.mtime for e in page], "list_error": [e.error for e in page]}, schema=LISTING_SCHEMA))
+        self.n += len(page)
+        while self.n >= self.rows_per_file:
             self.flush()
+        return uris
 
     def flush(self) -> None:
-        if not self.buf["uri"]:
+        """Write one shard: the first `rows_per_file` buffered rows, or all when fewer."""
+        if not self.n:
             return
-        table = pa.table(self.buf, schema=LISTING_SCHEMA)
+        table = pa.concat_tables(self.parts)
+        rows = min(self.n, self.rows_per_file)
         path = f"{self.root}/part-{len(self.files):05d}.parquet"
-        pq.write_table(table, path, filesystem=self.fs, compression="zstd")
+        pq.write_table(table.slice(0, rows), path, filesystem=self.fs, compression="zstd")
         self.files.append(path)
-        self.buf = {k: [] for k in LISTING_SCHEMA.names}
+        rest = table.slice(rows)
+        self.parts, self.n = ([rest] if rest.num_rows else []), rest.num_rows
 
 
 def list_inputs(inputs, storage: Storage, extensions: tuple[str, ...], staging_uri: str,
-                rows_per_file: int, progress=None, follow_links: bool = False) -> ListingResult:
+                rows_per_file: int, progress=None, follow_links: bool = False, parallelism: int = 1) -> ListingResult:
     """Stream every input prefix into listing shards; count what is not an image as skipped
     and what has an image name but is not a regular file as not_regular."""
+    sources = ((uri, iter_entries(uri, storage, follow_links, parallelism)) for uri in inputs)
+    return write_listing(sources, storage, extensions, staging_uri, rows_per_file, progress)
+
+
+def write_listing(sources, storage: Storage, extensions: tuple[str, ...], staging_uri: str,
+                  rows_per_file: int, progress=None) -> ListingResult:
+    """The driver's side of a listing: (input, its entries) pairs into shards and counts;
+    separate from the walkers so that a benchmark can feed it a synthetic catalog."""
     t0 = time.perf_counter()
     exts = tuple(e.lower() for e in extensions)
     res = ListingResult()
     writer = _ShardWriter(storage, staging_uri, rows_per_file)
-    chunk: list[str] = []
     last_report = time.monotonic()
-    for uri in inputs:
+    for uri, entries in sources:
         n_in = 0
+        page: list[Entry] = []
         try:
-            for e in iter_entries(uri, storage, follow_links):
-                if not e.folder and not has_extension(e.uri, exts):
-                    res.skipped += 1
-                    _example(res.skipped_examples, e.uri)
+            # per key only the common case (an image, listed fine); the rest goes to _sort_out,
+            # the columns and the hashes are made a page at a time
+            for e in entries:
+                if (e.folder or e.unlisted or e.error is not None or not e.uri.lower().endswith(exts)) \
+                        and not _sort_out(e, res, exts, storage):
                     continue
-                if e.unlisted:
-                    res.not_regular += 1
-                    _example(res.not_regular_examples, f"{e.uri} ({e.unlisted})")
-                    continue
-                if e.error is not None:  # scrubbed here: the listing shards stay on disk too
-                    res.list_errors += 1
-                    e.error = storage.scrub(e.error)
-                writer.add(e)
-                chunk.append(e.uri)
-                n_in += 1
-                if len(chunk) >= _PAGE:
-                    res.fingerprint.update(chunk)
-                    chunk = []
-                if progress and time.monotonic() - last_report > 10:
-                    progress(f"listing: {res.fingerprint.count + len(chunk)} images so far, {res.skipped} skipped")
-                    last_report = time.monotonic()
+                page.append(e)
+                if len(page) >= _PAGE:
+                    res.fingerprint.update(writer.add_page(page))
+                    n_in, page = n_in + len(page), []
+                    if progress and time.monotonic() - last_report > 10:
+                        progress(f"listing: {res.fingerprint.count} images so far, {res.skipped} skipped")
+                        last_report = time.monotonic()
+            res.fingerprint.update(writer.add_page(page))
+            n_in += len(page)
         except RamPlusError:
             raise
         except Exception as err:  # noqa: BLE001 - s3fs, botocore, pyarrow and OS errors alike
-            raise ListingFailed(f"listing {redact_uri(uri)} failed after {n_in} images: {type(err).__name__}: "
-                                f"{last_line(err)}") from err
+            raise ListingFailed(f"listing {redact_uri(uri)} failed after {n_in + len(page)} images: "
+                                f"{type(err).__name__}: {last_line(err)}") from err
         res.per_input[uri] = n_in
-    res.fingerprint.update(chunk)
-    writer.flush()
+    while writer.n:
+        writer.flush()
     res.files = writer.files
     res.listed = res.fingerprint.count
     res.seconds = time.perf_counter() - t0
     return res
+
+
+def _sort_out(e: Entry, res: ListingResult, exts: tuple[str, ...], storage: Storage) -> bool:
+    """Count an entry that is not a plain image; True when it still goes to the shards (a list error)."""
+    if not e.folder and not has_extension(e.uri, exts):
+        res.skipped += 1
+        _example(res.skipped_examples, e.uri)
+        return False
+    if e.unlisted:
+        res.not_regular += 1
+        _example(res.not_regular_examples, f"{e.uri} ({e.unlisted})")
+        return False
+    if e.error is not None:  # scrubbed here: the listing shards stay on disk too
+        res.list_errors += 1
+        e.error = storage.scrub(e.error)
+    return True
 
 
 def _example(examples: list[str], text: str, keep: int = 5) -> None:

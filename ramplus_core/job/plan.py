@@ -93,8 +93,8 @@ class _PlanWriter:
     def add(self, t: pa.Table) -> None:
         if not t.num_rows:
             return
-        for k, v in zip(*np.unique(t.column("need").to_numpy(zero_copy_only=False), return_counts=True)):
-            self.need[str(k)] = self.need.get(str(k), 0) + int(v)
+        for kv in pc.value_counts(t.column("need")).to_pylist():  # not np.unique: it sorts the strings
+            self.need[str(kv["values"])] = self.need.get(str(kv["values"]), 0) + int(kv["counts"])
         self.buf.append(t.select(WORK_SCHEMA.names).cast(WORK_SCHEMA))
         self.n += t.num_rows
         if self.n >= self.rows_per_file:

@@ -120,7 +120,7 @@ def list_step(cfg: JobConfig, storage: Storage, rs: RunState, scrubber: Scrubber
         return _listing_from(rs.listing)
     try:
         listing = list_inputs(cfg.input, storage, cfg.listing.extensions, rs.staging, cfg.listing.rows_per_file, emit,
-                              cfg.listing.follow_links)
+                              cfg.listing.follow_links, cfg.listing.parallelism)
     except ListingFailed as e:
         raise JobFailed(scrubber.text(
             f"{e}; nothing was committed to {redact_uri(cfg.output)}. Start the job again with the same "
