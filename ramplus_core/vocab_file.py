@@ -28,7 +28,7 @@ import torch
 import yaml
 
 from .errors import VocabularyError
-from .vocabulary import OPEN_SET_THRESHOLD, Vocabulary
+from .vocabulary import MAX_DESCRIPTIONS, OPEN_SET_THRESHOLD, Vocabulary, check_size
 
 FILE_KEYS = {"builtin", "tags", "import", "text_encoder", "cache"}
 TAG_KEYS = {"name", "descriptions", "embeddings", "threshold", "zh"}
@@ -74,16 +74,38 @@ def _read_text(uri: str) -> str:
         raise VocabularyError(f"cannot read {uri}: {type(e).__name__}: {e}") from None
 
 
-def _read_npy(uri: str, tag: str) -> np.ndarray:
+def _read_npy(uri: str, tag: str, room: int = MAX_DESCRIPTIONS) -> np.ndarray:
+    """The file's array; its header is read first, so rows past `room` (what the vocabulary's
+    description limit leaves) are refused before the body is read."""
     import fsspec
 
     try:
         with fsspec.open(uri, "rb") as f:
+            rows = _npy_rows(f)
+            if rows > room:
+                raise VocabularyError(
+                    f"tag {tag!r}: {uri} holds {rows:,} descriptions, more than the {room:,} left under the limit of "
+                    f"{MAX_DESCRIPTIONS:,} descriptions per vocabulary (ramplus_core.vocabulary.MAX_DESCRIPTIONS)")
+            f.seek(0)
             return np.load(io.BytesIO(f.read()), allow_pickle=False)
+    except VocabularyError:
+        raise
     except FileNotFoundError:
         raise VocabularyError(f"tag {tag!r}: embeddings file not found: {uri}") from None
     except Exception as e:  # noqa: BLE001
         raise VocabularyError(f"tag {tag!r}: cannot read embeddings {uri} as .npy: {e}") from None
+
+
+def _npy_rows(f) -> int:
+    """Rows of the .npy array in `f` from its header alone (0 when the header is not one we read)."""
+    fmt = np.lib.format
+    try:
+        version = fmt.read_magic(f)
+        read = {(1, 0): fmt.read_array_header_1_0, (2, 0): fmt.read_array_header_2_0}.get(version)
+        shape = read(f)[0] if read else ()
+    except Exception:  # noqa: BLE001 - np.load below gives the precise error
+        return 0
+    return int(shape[0]) if len(shape) == 2 else 1
 
 
 def read_llm_descriptions(uri: str) -> list[TagSpec]:
@@ -105,7 +127,7 @@ def read_llm_descriptions(uri: str) -> list[TagSpec]:
     return specs
 
 
-def _parse_tag(entry, i: int, base: str) -> TagSpec:
+def _parse_tag(entry, i: int, base: str, room: int = MAX_DESCRIPTIONS) -> TagSpec:
     where = f"tags[{i}]"
     if isinstance(entry, str):
         entry = {"name": entry}
@@ -123,13 +145,30 @@ def _parse_tag(entry, i: int, base: str) -> TagSpec:
         raise VocabularyError(f"tag {name!r}: descriptions must be a list of non-empty strings")
     spec.descriptions = list(desc)
     if entry.get("embeddings") is not None:
-        spec.embeddings = _read_npy(_resolve(str(entry["embeddings"]), base), name)
+        spec.embeddings = _read_npy(_resolve(str(entry["embeddings"]), base), name, room)
     th = entry.get("threshold", OPEN_SET_THRESHOLD)
     if not isinstance(th, (int, float)) or not 0.0 < float(th) < 1.0:
         raise VocabularyError(f"tag {name!r}: threshold must be a number between 0 and 1, got {th!r}")
     spec.threshold = float(th)
     spec.zh = entry.get("zh")
     return spec
+
+
+def _rows_of(spec: TagSpec) -> int:
+    """The rows a tag will have in the vocabulary: its embeddings, its descriptions, or one
+    (the template ensemble is averaged into one description)."""
+    return spec.embeddings.shape[0] if spec.embeddings is not None else max(1, len(spec.descriptions))
+
+
+def _parse_tags(doc: dict, base: str, specs: list[TagSpec], builtin_rows: int, uri: str) -> None:
+    """Append the file's own tags to `specs` (the imports'), then hold the whole to MAX_DESCRIPTIONS:
+    before any embeddings file is read past the limit, and before any text is encoded."""
+    total = builtin_rows + sum(_rows_of(s) for s in specs)
+    for i, entry in enumerate(doc.get("tags") or []):
+        specs.append(_parse_tag(entry, i, base, room=max(0, MAX_DESCRIPTIONS - total)))
+        total += _rows_of(specs[-1])
+    counts = [_rows_of(s) for s in specs]
+    check_size(total, counts, [s.name for s in specs], uri)
 
 
 def _resolve(path: str, base: str) -> str:
@@ -161,12 +200,13 @@ def check_file(uri: str) -> list[str]:
     Which built-in tags exist is checked later, against the checkpoint.
     """
     doc, base = _read_doc(uri)
-    refs = []
+    refs, specs = [], []
     for imp in doc.get("import") or []:
         refs.append(_resolve(str(imp), base))
-        read_llm_descriptions(refs[-1])
-    for i, entry in enumerate(doc.get("tags") or []):
-        if _parse_tag(entry, i, base).embeddings is not None:
+        specs.extend(read_llm_descriptions(refs[-1]))
+    _parse_tags(doc, base, specs, 0, uri)
+    for entry in doc.get("tags") or []:
+        if isinstance(entry, dict) and entry.get("embeddings") is not None:
             refs.append(_resolve(str(entry["embeddings"]), base))
     if doc.get("text_encoder"):
         refs.append(_resolve(str(doc["text_encoder"]), base))
@@ -215,7 +255,7 @@ def load_vocabulary(uri: str, builtin: Vocabulary, tower=None, cache=None) -> "V
     specs: list[TagSpec] = []
     for imp in doc.get("import") or []:
         specs.extend(read_llm_descriptions(_resolve(str(imp), base)))
-    specs.extend(_parse_tag(e, i, base) for i, e in enumerate(doc.get("tags") or []))
+    _parse_tags(doc, base, specs, int(builtin.counts[keep].sum()), uri)
 
     seen = {builtin.names[i]: "builtin" for i in keep}
     for s in specs:
@@ -261,28 +301,31 @@ def load_vocabulary(uri: str, builtin: Vocabulary, tower=None, cache=None) -> "V
     for s in specs:
         s.embeddings = _check_embeddings(s.name, s.embeddings, dim)
 
-    counts = [int(builtin.mask[i].sum()) for i in keep] + [s.embeddings.shape[0] for s in specs]
-    d_max = max(counts) if counts else 1
-    c = len(counts)
-    embeds = torch.zeros(c, d_max, dim)
-    mask = torch.zeros(c, d_max, dtype=torch.bool)
-    if keep:
-        d_b = builtin.embeds.shape[1]
-        embeds[:len(keep), :d_b] = builtin.embeds[keep]
-        mask[:len(keep), :d_b] = builtin.mask[keep]
-    for j, s in enumerate(specs, start=len(keep)):
-        k = s.embeddings.shape[0]
-        embeds[j, :k] = torch.from_numpy(s.embeddings)
-        mask[j, :k] = True
-    vocab = Vocabulary(
-        names=[builtin.names[i] for i in keep] + [s.name for s in specs],
-        thresholds=np.concatenate([builtin.thresholds[keep], np.array([s.threshold for s in specs], dtype=np.float32)]),
-        zh=[builtin.zh[i] for i in keep] + [s.zh for s in specs],
-        embeds=embeds,
-        mask=mask,
-    )
+    vocab = _merge(builtin.subset(keep), specs)
     return VocabularyBuild(vocab, num_builtin=len(keep), num_new=len(specs), texts_encoded=encoded,
                            cache_hit_rate=cache.hit_rate if cache is not None else math.nan, tower_id=tower_id)
+
+
+def _merge(kept: Vocabulary, specs: list[TagSpec]) -> Vocabulary:
+    """The kept built-in tags, then the file's: one flat matrix, each row copied once."""
+    if not specs:
+        return kept
+    counts = torch.cat([kept.counts, torch.tensor([s.embeddings.shape[0] for s in specs], dtype=torch.int64)])
+    offsets = torch.zeros(len(counts) + 1, dtype=torch.int64)
+    offsets[1:] = torch.cumsum(counts, 0)
+    embeds = torch.empty(int(offsets[-1]), kept.embeds.shape[-1])
+    row = kept.embeds.shape[0]
+    embeds[:row] = kept.embeds
+    for s in specs:
+        embeds[row:row + s.embeddings.shape[0]] = torch.from_numpy(s.embeddings)
+        row += s.embeddings.shape[0]
+    return Vocabulary(
+        names=kept.names + [s.name for s in specs],
+        thresholds=np.concatenate([kept.thresholds, np.array([s.threshold for s in specs], dtype=np.float32)]),
+        zh=kept.zh + [s.zh for s in specs],
+        embeds=embeds,
+        offsets=offsets,
+    )
 
 
 @dataclass
