@@ -18,7 +18,6 @@ Every mistake is reported with the tag's name, before any model work starts.
 
 from __future__ import annotations
 
-import io
 import json
 import math
 from dataclasses import dataclass, field
@@ -28,7 +27,8 @@ import torch
 import yaml
 
 from .errors import VocabularyError
-from .vocabulary import MAX_DESCRIPTIONS, OPEN_SET_THRESHOLD, Vocabulary, check_size
+from . import vocabulary as limits  # MAX_DESCRIPTIONS, read when a file is checked
+from .vocabulary import OPEN_SET_THRESHOLD, Vocabulary, check_size
 
 FILE_KEYS = {"builtin", "tags", "import", "text_encoder", "cache"}
 TAG_KEYS = {"name", "descriptions", "embeddings", "threshold", "zh"}
@@ -74,9 +74,9 @@ def _read_text(uri: str) -> str:
         raise VocabularyError(f"cannot read {uri}: {type(e).__name__}: {e}") from None
 
 
-def _read_npy(uri: str, tag: str, room: int = MAX_DESCRIPTIONS) -> np.ndarray:
-    """The file's array; its header is read first, so rows past `room` (what the vocabulary's
-    description limit leaves) are refused before the body is read."""
+def _read_npy(uri: str, tag: str, room: int) -> np.ndarray:
+    """The file's array, read once; its header is read first, so rows past `room` (what the
+    vocabulary's description limit leaves) are refused before the body is read."""
     import fsspec
 
     try:
@@ -85,15 +85,18 @@ def _read_npy(uri: str, tag: str, room: int = MAX_DESCRIPTIONS) -> np.ndarray:
             if rows > room:
                 raise VocabularyError(
                     f"tag {tag!r}: {uri} holds {rows:,} descriptions, more than the {room:,} left under the limit of "
-                    f"{MAX_DESCRIPTIONS:,} descriptions per vocabulary (ramplus_core.vocabulary.MAX_DESCRIPTIONS)")
+                    f"{limits.MAX_DESCRIPTIONS:,} descriptions per vocabulary (ramplus_core.vocabulary.MAX_DESCRIPTIONS)")
             f.seek(0)
-            return np.load(io.BytesIO(f.read()), allow_pickle=False)
+            arr = np.load(f, allow_pickle=False)
     except VocabularyError:
         raise
     except FileNotFoundError:
         raise VocabularyError(f"tag {tag!r}: embeddings file not found: {uri}") from None
     except Exception as e:  # noqa: BLE001
         raise VocabularyError(f"tag {tag!r}: cannot read embeddings {uri} as .npy: {e}") from None
+    if not isinstance(arr, np.ndarray):  # an .npz archive
+        raise VocabularyError(f"tag {tag!r}: {uri} is not a .npy array (an .npz archive?)")
+    return arr
 
 
 def _npy_rows(f) -> int:
@@ -127,7 +130,7 @@ def read_llm_descriptions(uri: str) -> list[TagSpec]:
     return specs
 
 
-def _parse_tag(entry, i: int, base: str, room: int = MAX_DESCRIPTIONS) -> TagSpec:
+def _parse_tag(entry, i: int, base: str, room: int) -> TagSpec:
     where = f"tags[{i}]"
     if isinstance(entry, str):
         entry = {"name": entry}
@@ -165,7 +168,7 @@ def _parse_tags(doc: dict, base: str, specs: list[TagSpec], builtin_rows: int, u
     before any embeddings file is read past the limit, and before any text is encoded."""
     total = builtin_rows + sum(_rows_of(s) for s in specs)
     for i, entry in enumerate(doc.get("tags") or []):
-        specs.append(_parse_tag(entry, i, base, room=max(0, MAX_DESCRIPTIONS - total)))
+        specs.append(_parse_tag(entry, i, base, room=max(0, limits.MAX_DESCRIPTIONS - total)))
         total += _rows_of(specs[-1])
     counts = [_rows_of(s) for s in specs]
     check_size(total, counts, [s.name for s in specs], uri)
@@ -183,10 +186,10 @@ def _check_embeddings(name: str, emb: np.ndarray, dim: int) -> np.ndarray:
         emb = emb[None, :]
     if emb.ndim != 2 or emb.shape[1] != dim or emb.shape[0] == 0:
         raise VocabularyError(f"tag {name!r}: embeddings must be [k, {dim}], got {list(emb.shape)}")
-    emb = emb.astype(np.float32)
+    emb = emb.astype(np.float32, copy=False)  # may be read-only (the file's buffer): never written
     if not np.isfinite(emb).all():
         raise VocabularyError(f"tag {name!r}: embeddings contain NaN or infinity")
-    norms = np.linalg.norm(emb, axis=1)
+    norms = np.sqrt(np.einsum("ij,ij->i", emb, emb))  # no [k, dim] temporary
     if np.abs(norms - 1.0).max() > UNIT_TOLERANCE:
         raise VocabularyError(f"tag {name!r}: embeddings must be unit vectors (norms {norms.min():.4f}..{norms.max():.4f})")
     return emb
@@ -316,8 +319,9 @@ def _merge(kept: Vocabulary, specs: list[TagSpec]) -> Vocabulary:
     embeds = torch.empty(int(offsets[-1]), kept.embeds.shape[-1])
     row = kept.embeds.shape[0]
     embeds[:row] = kept.embeds
+    rows = embeds.numpy()
     for s in specs:
-        embeds[row:row + s.embeddings.shape[0]] = torch.from_numpy(s.embeddings)
+        rows[row:row + s.embeddings.shape[0]] = s.embeddings
         row += s.embeddings.shape[0]
     return Vocabulary(
         names=kept.names + [s.name for s in specs],

@@ -167,16 +167,16 @@ class Vocabulary:
         if len(counts) * width * row_bytes > LEGACY_ID_BYTES:
             h.update(b"flat-v2\0")
             h.update(counts.astype(np.int64).tobytes())
-            h.update(emb.tobytes())
+            h.update(emb)  # the array's own buffer: no copy
             return h.hexdigest()[:16]
         h.update((np.arange(width)[None, :] < counts[:, None]).tobytes())
         short = np.flatnonzero(counts < width)  # tags that were padded: zeros after their rows
         done, offsets = 0, self.offsets.numpy()
         for i in short.tolist():
-            h.update(emb[offsets[done]:offsets[i + 1]].tobytes())
+            h.update(emb[offsets[done]:offsets[i + 1]])
             h.update(bytes((width - int(counts[i])) * row_bytes))
             done = i + 1
-        h.update(emb[offsets[done]:].tobytes())
+        h.update(emb[offsets[done]:])
         return h.hexdigest()[:16]
 
 

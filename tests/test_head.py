@@ -132,9 +132,9 @@ def test_bf16_path_close_to_fp32(golden, golden_logits_ours):
     assert (margins[~same] <= max_dp).all()
 
 
-def test_description_counts_pad_only_within_their_size_class(tiny_model, golden_tokens, golden_logits_ours):
+def test_description_counts_are_never_padded(tiny_model, golden_tokens, golden_logits_ours):
     """24 tags x 51 descriptions plus one with 200 and one with 3: the shared object holds
-    24 x 51 + 200 + 4 rows (not 26 x 200), and every score is what the tag gives alone."""
+    24 x 51 + 200 + 3 rows (not 26 x 200), and every score is what the tag gives alone."""
     from ramplus_core.head import PreparedVocabulary
 
     builtin = _builtin(tiny_model)  # [24, 51, 512]
