@@ -11,7 +11,9 @@ checkpoint vocabulary with 51 descriptions each. The child process does what the
 with a vocabulary (job/model_step.py): `load_vocabulary`, the head's `prepare` with the
 released head's sizes (hidden 768, random weights), the flat arrays `ray.put` would copy,
 `content_id` and the descriptor. It reports its peak RSS (VmHWM) over the RSS it had before,
-so interpreter, torch and the random built-in vocabulary are not counted.
+so interpreter, torch and the random built-in vocabulary are not counted, and its address
+space peak (VmPeak) over its size before: a zero-filled padded tensor is mostly never touched,
+so it shows there first, and an allocation past what the kernel allows fails there.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from ramplus_core.vocabulary import Vocabulary
 
 def status():
     t = open("/proc/self/status").read()
-    return {k: int(re.search(k + r":\s+(\d+)", t).group(1)) * 1024 for k in ("VmRSS", "VmHWM")}
+    return {k: int(re.search(k + r":\s+(\d+)", t).group(1)) * 1024 for k in ("VmRSS", "VmHWM", "VmSize", "VmPeak")}
 
 uri, builtin_n = sys.argv[1], int(sys.argv[2])
 torch.manual_seed(0)
@@ -47,10 +49,16 @@ label_embed = torch.nn.functional.normalize(torch.randn(n * 51, 512), dim=-1)
 builtin = Vocabulary.from_label_embed(label_embed, 51)
 head = TaggingHead(HeadConfig()).eval()
 open("/proc/self/clear_refs", "w").write("5")
-before = status()["VmRSS"]
+start = status()
+before = start["VmRSS"]
 stages = {}
 t = time.perf_counter()
-vocab = load_vocabulary(uri, builtin).vocabulary
+try:
+    vocab = load_vocabulary(uri, builtin).vocabulary
+except Exception as e:  # what a vocabulary too large to pad did before
+    print(json.dumps({"error": f"{type(e).__name__}: {' '.join(str(e).split())[:300]}",
+                      "peak": status()["VmHWM"] - before, "virtual": status()["VmPeak"] - start["VmSize"]}))
+    sys.exit(0)
 stages["load_vocabulary"] = status()["VmHWM"] - before
 if hasattr(vocab, "offsets"):
     prepared = head.prepare(vocab.embeds, vocab.offsets)
@@ -64,6 +72,7 @@ stages["descriptor"] = status()["VmHWM"] - before
 seconds = time.perf_counter() - t
 held = status()["VmRSS"] - before
 print(json.dumps({"tags": len(vocab), "peak": status()["VmHWM"] - before, "held": held, "stages": stages,
+                  "virtual": status()["VmPeak"] - start["VmSize"],
                   "array_bytes": int(sum(a.nbytes for a in arrays.values())), "seconds": seconds}))
 """
 
@@ -109,9 +118,15 @@ def main() -> int:
             return r.returncode
         out = json.loads(r.stdout.strip().splitlines()[-1])
         mib = 1 << 20
+        if "error" in out:
+            print(f"code {args.code}: failed after a peak RSS of {out['peak'] / mib:,.0f} MiB "
+                  f"(address space peak +{out['virtual'] / mib:,.0f} MiB): {out['error']}")
+            print(f"load average {open('/proc/loadavg').read().split()[:3]}")
+            return 1
         print(f"code {args.code}: {out['tags']:,} tags ({args.builtin} built-in x 51, {args.tags:,} x 1"
               f"{f', one x {args.long:,}' if args.long else ''}); files written in {made:.1f} s")
-        print(f"peak RSS over the start {out['peak'] / mib:,.0f} MiB, held after {out['held'] / mib:,.0f} MiB, "
+        print(f"peak RSS over the start {out['peak'] / mib:,.0f} MiB (address space +{out['virtual'] / mib:,.0f} MiB), "
+              f"held after {out['held'] / mib:,.0f} MiB, "
               f"shared arrays {out['array_bytes'] / mib:,.0f} MiB, {out['seconds']:.1f} s")
         print("peak by stage (MiB): " + ", ".join(f"{k} {v / mib:,.0f}" for k, v in out["stages"].items()))
         print(f"load average {open('/proc/loadavg').read().split()[:3]}")

@@ -93,7 +93,7 @@ class PreparedVocabulary:
 
     Flat arrays, memory in proportion to the total number of descriptions: `embeds`
     [D_total, 512] and `projected` [D_total, hidden] hold every description once, tags
-    grouped by their description count (fewest first), one block per distinct count, so each
+    grouped by their description count, one block per distinct count, so each
     block is a padding-free [c, d, .] view; `index` [C] is the vocabulary position of each
     stored tag, `shapes` [blocks, 2] each block's (tags, descriptions).
     """
@@ -182,6 +182,18 @@ class PreparedVocabulary:
                                   self.projected.to(device=device, dtype=dtype), self.shapes)
 
 
+def _group_by_count(counts: torch.Tensor) -> torch.Tensor:
+    """A stable order of the tags that puts equal counts together, counts in order of first
+    appearance: a vocabulary already grouped that way (the built-in tags, then tags of one
+    description) keeps its order, and its rows are used as they are, not copied."""
+    uniq, inverse = torch.unique(counts, return_inverse=True)
+    first = torch.full((len(uniq),), len(counts), dtype=torch.int64)
+    first.scatter_reduce_(0, inverse, torch.arange(len(counts)), reduce="amin")
+    rank = torch.empty_like(first)
+    rank[torch.argsort(first)] = torch.arange(len(uniq))
+    return torch.sort(rank[inverse], stable=True).indices
+
+
 class TaggingHead(nn.Module):
     """Maps projected image tokens and a prepared vocabulary to one logit per tag."""
 
@@ -215,7 +227,7 @@ class TaggingHead(nn.Module):
         counts = offsets[1:] - offsets[:-1]
         if bool((counts <= 0).any()):
             raise ValueError(f"tag {int((counts <= 0).nonzero()[0])} has no descriptions")
-        order = torch.sort(counts, stable=True).indices  # group tags by count, keeping their order within
+        order = _group_by_count(counts)
         sorted_counts = counts[order]
         distinct, tags_per = torch.unique_consecutive(sorted_counts, return_counts=True)
         if not bool((order == torch.arange(len(order))).all()):
@@ -235,6 +247,8 @@ class TaggingHead(nn.Module):
         kvs = [layer.image_kv(tokens) for layer in self.layers]
         out = tokens.new_empty((tokens.shape[0], vocab.num_tags))
         for index, pieces in vocab.chunks(chunk_size):
+            if not pieces:  # an empty vocabulary
+                continue
             hs = [self._reweighted(g, scale, p) for p in pieces]
             h = hs[0] if len(hs) == 1 else torch.cat(hs, dim=1)
             for layer, kv in zip(self.layers, kvs):
