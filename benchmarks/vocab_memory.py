@@ -111,8 +111,9 @@ def main() -> int:
         uri = write_vocabulary(tmp, args.tags, args.long, args.builtin)
         made = time.perf_counter() - t
         env = dict(os.environ, PYTHONPATH=args.code)
-        r = subprocess.run([sys.executable, "-c", CHILD, uri, str(args.builtin)], env=env, capture_output=True,
-                           text=True)
+        # cwd too: `python -c` puts the current directory first on sys.path
+        r = subprocess.run([sys.executable, "-c", CHILD, uri, str(args.builtin)], env=env, cwd=args.code,
+                           capture_output=True, text=True)
         if r.returncode:
             print(r.stderr[-3000:], file=sys.stderr)
             return r.returncode

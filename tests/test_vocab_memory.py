@@ -225,8 +225,8 @@ def test_one_very_long_description_list_costs_its_own_rows(tmp_path):
     doc = tmp_path / "vocab.yaml"
     doc.write_text(yaml.safe_dump({"builtin": "all", "tags": [{"name": "long", "embeddings": "long.npy"}]}))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-    r = subprocess.run([sys.executable, "-c", CHILD, str(doc), str(singles)], env=env, capture_output=True,
-                       text=True, timeout=600)
+    r = subprocess.run([sys.executable, "-c", CHILD, str(doc), str(singles)], env=env, cwd=REPO,
+                       capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
     flat = (singles + long) * 512 * 4
