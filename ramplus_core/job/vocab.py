@@ -150,7 +150,7 @@ def tag_identities(vocab) -> list[str]:
     out = []
     for i, name in enumerate(vocab.names):
         h = hashlib.sha256(name.encode("utf-8") + b"\0")
-        h.update(emb[offsets[i]:offsets[i + 1]].tobytes())
+        h.update(emb[offsets[i]:offsets[i + 1]])  # a contiguous slice: hashed in place, not copied
         out.append(h.hexdigest()[:16])
     return out
 
