@@ -16,6 +16,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .vocabulary import run_rows
+
+# A decoder chunk of n tags holds at most n * 64 descriptions (the built-in tags have 51), so
+# the similarity matrix of a chunk with a very long description list stays bounded too.
+CHUNK_ROWS_PER_TAG = 64
+
 
 @dataclass(frozen=True)
 class HeadConfig:
@@ -62,79 +68,104 @@ class CrossAttentionLayer(nn.Module):
 
 @dataclass
 class DescriptionBlock:
-    """Tags whose description counts share a size class, padded only to the largest among them.
+    """Tags that have the same number of descriptions d, so they stack without padding.
 
     `index` [c] the tags' positions in the vocabulary; `embeds` [c, d, 512] unit description
-    embeddings (zero rows where padded); `projected` [c, d, hidden] = wordvec_proj(embeds):
-    since a tag's reweighting weights sum to one and wordvec_proj is affine, projecting each
-    description once equals projecting the weighted mean per image, at a tenth of the cost;
-    `mask` [c, d] True for real descriptions.
+    embeddings; `projected` [c, d, hidden] = wordvec_proj(embeds): since a tag's reweighting
+    weights sum to one and wordvec_proj is affine, projecting each description once equals
+    projecting the weighted mean per image, at a tenth of the cost.
     """
 
     index: torch.Tensor
     embeds: torch.Tensor
     projected: torch.Tensor
-    mask: torch.Tensor
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.embeds.shape[:2])
 
     def chunk(self, start: int, stop: int) -> "DescriptionBlock":
-        return DescriptionBlock(self.index[start:stop], self.embeds[start:stop], self.projected[start:stop],
-                                self.mask[start:stop])
-
-    def to(self, device=None, dtype=None) -> "DescriptionBlock":
-        return DescriptionBlock(self.index.to(device=device), self.embeds.to(device=device, dtype=dtype),
-                                self.projected.to(device=device, dtype=dtype), self.mask.to(device=device))
+        return DescriptionBlock(self.index[start:stop], self.embeds[start:stop], self.projected[start:stop])
 
 
-@dataclass
 class PreparedVocabulary:
     """A vocabulary in the form the head consumes, built once per run and shared.
 
-    Tags are grouped by description count (1, 2, 3-4, 5-8, ... 33-64, ...), each group padded
-    only to its own largest count: one tag with 200 descriptions next to the 4585 built-in
-    tags with 51 costs its own 200 rows, not 4586 x 200.
+    Flat arrays, memory in proportion to the total number of descriptions: `embeds`
+    [D_total, 512] and `projected` [D_total, hidden] hold every description once, tags
+    grouped by their description count, one block per distinct count, so each
+    block is a padding-free [c, d, .] view; `index` [C] is the vocabulary position of each
+    stored tag, `shapes` [blocks, 2] each block's (tags, descriptions).
     """
 
-    blocks: list[DescriptionBlock]
-    num_tags: int
+    def __init__(self, index: torch.Tensor, embeds: torch.Tensor, projected: torch.Tensor, shapes):
+        self.index, self.embeds, self.projected = index, embeds, projected
+        self.shapes = np.asarray(shapes, dtype=np.int64).reshape(-1, 2)
+        self.blocks: list[DescriptionBlock] = []
+        row = tag = 0
+        for c, d in self.shapes.tolist():
+            rows = slice(row, row + c * d)
+            self.blocks.append(DescriptionBlock(index[tag:tag + c], embeds[rows].view(c, d, -1),
+                                                projected[rows].view(c, d, -1)))
+            row, tag = row + c * d, tag + c
+        if tag != index.shape[0] or row != embeds.shape[0] or row != projected.shape[0]:
+            raise ValueError(f"prepared vocabulary: shapes cover {tag} tags and {row} rows, arrays hold "
+                             f"{index.shape[0]} tags, {embeds.shape[0]} and {projected.shape[0]} rows")
+
+    @property
+    def num_tags(self) -> int:
+        return int(self.index.shape[0])
 
     def select(self, tags) -> "PreparedVocabulary":
         """The given tags (vocabulary positions), in that order: a grown vocabulary's new tags."""
         tags = torch.as_tensor(np.asarray(tags, dtype=np.int64))
         where = torch.full((self.num_tags,), -1, dtype=torch.long)
         where[tags] = torch.arange(len(tags))
-        blocks = []
+        pos = where[self.index.cpu()]  # each stored tag's place in the selection, -1 if not chosen
+        kept = (pos >= 0).nonzero().squeeze(1)
+        per_tag = torch.as_tensor(self.shapes[:, 1]).repeat_interleave(torch.as_tensor(self.shapes[:, 0]))
+        starts = torch.zeros_like(per_tag)
+        starts[1:] = torch.cumsum(per_tag, 0)[:-1]
+        rows = run_rows(starts[kept], per_tag[kept]).to(self.embeds.device)
+        block_of = torch.arange(len(self.shapes)).repeat_interleave(torch.as_tensor(self.shapes[:, 0]))
+        c = torch.bincount(block_of[kept], minlength=len(self.shapes)).numpy()
+        shapes = np.stack([c, self.shapes[:, 1]], 1)[c > 0] if len(self.shapes) else self.shapes
+        return PreparedVocabulary(pos[kept].to(self.index.device), self.embeds[rows], self.projected[rows], shapes)
+
+    def chunks(self, max_tags: int):
+        """(vocabulary positions, block pieces) of at most `max_tags` tags and
+        `max_tags * CHUNK_ROWS_PER_TAG` descriptions each (one tag alone may exceed the latter);
+        max_tags <= 0: everything at once."""
+        if not max_tags or max_tags <= 0:
+            yield self.index, self.blocks
+            return
+        max_rows = max_tags * CHUNK_ROWS_PER_TAG
+        first, pieces, tags, rows = 0, [], 0, 0
         for blk in self.blocks:
-            new = where[blk.index.cpu()]
-            rows = (new >= 0).nonzero().squeeze(1)
-            if len(rows):
-                r = rows.to(blk.embeds.device)
-                blocks.append(DescriptionBlock(new[rows].to(blk.index.device), blk.embeds[r], blk.projected[r],
-                                               blk.mask[r]))
-        return PreparedVocabulary(blocks, len(tags))
+            c, d = blk.shape
+            s = 0
+            while s < c:
+                take = min(c - s, max_tags - tags, max(0, max_rows - rows) // d)
+                if take == 0 and tags == 0:
+                    take = 1
+                if take:
+                    pieces.append(blk.chunk(s, s + take))
+                    s, tags, rows = s + take, tags + take, rows + take * d
+                if take == 0 or tags == max_tags:
+                    yield self.index[first:first + tags], pieces
+                    first, pieces, tags, rows = first + tags, [], 0, 0
+        if pieces:
+            yield self.index[first:first + tags], pieces
 
     def to_numpy(self) -> dict:
-        """Flat arrays, so Ray's object store shares one read-only copy per node (zero-copy).
+        """The flat arrays (no copy on CPU in fp32), so Ray's object store shares one read-only
+        copy per node (zero-copy)."""
+        def host(t: torch.Tensor) -> np.ndarray:
+            t = t.detach().cpu()
+            return (t.float() if t.is_floating_point() else t).numpy()
 
-        `shapes` [blocks, 2] gives each block's (tags, descriptions); a block's rows follow the
-        previous block's in `embeds`, `projected` and `mask`; `index` lists the tags block by block.
-        """
-        if not self.blocks:
-            return {"embeds": np.zeros((0, 512), np.float32), "projected": np.zeros((0, 1), np.float32),
-                    "mask": np.zeros(0, bool), "index": np.zeros(0, np.int64), "shapes": np.zeros((0, 2), np.int64)}
-
-        def flat(name: str, width: int | None) -> np.ndarray:
-            parts = [getattr(b, name).detach().cpu() for b in self.blocks]
-            parts = [p.float() if p.is_floating_point() else p for p in parts]
-            parts = [p.reshape(-1, width) if width else p.reshape(-1) for p in parts]
-            return parts[0].numpy() if len(parts) == 1 else torch.cat(parts).numpy()
-
-        return {
-            "embeds": flat("embeds", self.blocks[0].embeds.shape[-1]),
-            "projected": flat("projected", self.blocks[0].projected.shape[-1]),
-            "mask": flat("mask", None),
-            "index": torch.cat([b.index.cpu() for b in self.blocks]).numpy(),
-            "shapes": np.array([tuple(b.mask.shape) for b in self.blocks], dtype=np.int64).reshape(-1, 2),
-        }
+        return {"embeds": host(self.embeds), "projected": host(self.projected), "index": host(self.index),
+                "shapes": self.shapes.copy()}
 
     @classmethod
     def from_numpy(cls, arrays: dict) -> "PreparedVocabulary":
@@ -143,22 +174,24 @@ class PreparedVocabulary:
 
         with warnings.catch_warnings():  # the store's buffers are read-only; we never write them
             warnings.simplefilter("ignore", UserWarning)
-            t = {k: torch.from_numpy(arrays[k]) for k in ("embeds", "projected", "mask", "index")}
-        blocks, row, tag = [], 0, 0
-        for c, d in arrays["shapes"].tolist():
-            rows = slice(row, row + c * d)
-            blocks.append(DescriptionBlock(t["index"][tag:tag + c], t["embeds"][rows].view(c, d, -1),
-                                           t["projected"][rows].view(c, d, -1), t["mask"][rows].view(c, d)))
-            row, tag = row + c * d, tag + c
-        return cls(blocks, tag)
+            t = {k: torch.from_numpy(arrays[k]) for k in ("embeds", "projected", "index")}
+        return cls(t["index"], t["embeds"], t["projected"], arrays["shapes"])
 
     def to(self, device=None, dtype=None) -> "PreparedVocabulary":
-        return PreparedVocabulary([b.to(device, dtype) for b in self.blocks], self.num_tags)
+        return PreparedVocabulary(self.index.to(device=device), self.embeds.to(device=device, dtype=dtype),
+                                  self.projected.to(device=device, dtype=dtype), self.shapes)
 
 
-def _size_class(counts: torch.Tensor) -> torch.Tensor:
-    """0 for one description, k for 2^(k-1) < count <= 2^k."""
-    return torch.ceil(torch.log2(counts.clamp(min=1).double())).long()
+def _group_by_count(counts: torch.Tensor) -> torch.Tensor:
+    """A stable order of the tags that puts equal counts together, counts in order of first
+    appearance: a vocabulary already grouped that way (the built-in tags, then tags of one
+    description) keeps its order, and its rows are used as they are, not copied."""
+    uniq, inverse = torch.unique(counts, return_inverse=True)
+    first = torch.full((len(uniq),), len(counts), dtype=torch.int64)
+    first.scatter_reduce_(0, inverse, torch.arange(len(counts)), reduce="amin")
+    rank = torch.empty_like(first)
+    rank[torch.argsort(first)] = torch.arange(len(uniq))
+    return torch.sort(rank[inverse], stable=True).indices
 
 
 class TaggingHead(nn.Module):
@@ -173,51 +206,62 @@ class TaggingHead(nn.Module):
         self.reweight_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
 
     @torch.no_grad()
-    def prepare(self, embeds: torch.Tensor, mask: torch.Tensor | None = None) -> PreparedVocabulary:
-        """[C, D, 512] description embeddings -> PreparedVocabulary (once per vocabulary)."""
+    def prepare(self, embeds: torch.Tensor, offsets: torch.Tensor | None = None, *,
+                mask: torch.Tensor | None = None) -> PreparedVocabulary:
+        """Description embeddings -> PreparedVocabulary (once per vocabulary).
+
+        Flat [D_total, 512] rows with `offsets` [C + 1] (Vocabulary's layout), or padded
+        [C, D, 512] with an optional [C, D] `mask` of the real descriptions (kept in slot order).
+        """
         w = self.wordvec_proj.weight
-        if mask is None:
-            mask = torch.ones(embeds.shape[:2], dtype=torch.bool, device=embeds.device)
-        mask = mask.to(embeds.device)
-        counts = mask.sum(dim=1)
-        size_class = _size_class(counts)
-        blocks = []
-        for k in torch.unique(size_class).tolist():
-            idx = (size_class == k).nonzero().squeeze(1)
-            d = int(counts[idx].max())
-            m = mask[idx]
-            if bool(m[:, :d].sum() == counts[idx].sum()):  # descriptions first, padding after: the usual case
-                e, m = embeds[idx, :d], m[:, :d]
-            else:  # move each tag's descriptions to the front, in order
-                first = torch.sort((~m).to(torch.int8), dim=1, stable=True).indices[:, :d]
-                e = torch.gather(embeds[idx], 1, first.unsqueeze(-1).expand(-1, -1, embeds.shape[-1]))
-                m = torch.gather(m, 1, first)
-            e = e.to(device=w.device, dtype=w.dtype) * m.to(w.device).unsqueeze(-1)
-            blocks.append(DescriptionBlock(idx.to(w.device), e, self.wordvec_proj(e), m.to(w.device)))
-        return PreparedVocabulary(blocks, embeds.shape[0])
+        if embeds.ndim == 3:
+            if mask is None:
+                counts = torch.full((embeds.shape[0],), embeds.shape[1], dtype=torch.int64)
+                embeds = embeds.reshape(-1, embeds.shape[-1])
+            else:
+                mask = mask.to(device=embeds.device, dtype=torch.bool)
+                counts, embeds = mask.sum(dim=1).cpu(), embeds[mask]
+            offsets = torch.zeros(len(counts) + 1, dtype=torch.int64)
+            offsets[1:] = torch.cumsum(counts, 0)
+        offsets = torch.as_tensor(offsets, dtype=torch.int64).cpu()
+        counts = offsets[1:] - offsets[:-1]
+        if bool((counts <= 0).any()):
+            raise ValueError(f"tag {int((counts <= 0).nonzero()[0])} has no descriptions")
+        order = _group_by_count(counts)
+        sorted_counts = counts[order]
+        distinct, tags_per = torch.unique_consecutive(sorted_counts, return_counts=True)
+        if not bool((order == torch.arange(len(order))).all()):
+            embeds = embeds[run_rows(offsets[:-1][order], sorted_counts).to(embeds.device)]
+        e = embeds.to(device=w.device, dtype=w.dtype)
+        return PreparedVocabulary(order.to(w.device), e, self.wordvec_proj(e), torch.stack([tags_per, distinct], 1).numpy())
 
     def forward(self, tokens: torch.Tensor, vocab: PreparedVocabulary, chunk_size: int = 0) -> torch.Tensor:
-        """tokens [N, T, 512] (token 0 is the mean token) -> logits [N, C]."""
+        """tokens [N, T, 512] (token 0 is the mean token) -> logits [N, C].
+
+        Tags go through the decoder in chunks (`chunk_size` tags, see PreparedVocabulary.chunks);
+        a chunk may span blocks: each block piece is reweighted on its own, unpadded, and the
+        pieces are decoded together, so many distinct description counts cost few decoder calls.
+        """
         g = F.normalize(tokens[:, 0], dim=-1)
         scale = self.reweight_scale.exp()
         kvs = [layer.image_kv(tokens) for layer in self.layers]
         out = tokens.new_empty((tokens.shape[0], vocab.num_tags))
-        for blk in vocab.blocks:
-            c = blk.index.shape[0]
-            step = chunk_size if chunk_size and chunk_size > 0 else c
-            for s in range(0, c, step):
-                part = blk.chunk(s, min(s + step, c))
-                out[:, part.index] = self._chunk_logits(g, scale, kvs, part)
+        for index, pieces in vocab.chunks(chunk_size):
+            if not pieces:  # an empty vocabulary
+                continue
+            hs = [self._reweighted(g, scale, p) for p in pieces]
+            h = hs[0] if len(hs) == 1 else torch.cat(hs, dim=1)
+            for layer, kv in zip(self.layers, kvs):
+                h = layer(h, kv)
+            out[:, index] = self.fc(h).squeeze(-1)
         return out
 
-    def _chunk_logits(self, g, scale, kvs, vocab: DescriptionBlock) -> torch.Tensor:
-        c, d, _ = vocab.embeds.shape
-        sim = (scale * g) @ vocab.embeds.reshape(c * d, -1).T  # [N, c*D]
-        sim = sim.view(-1, c, d).masked_fill(~vocab.mask, float("-inf"))
-        weights = sim.softmax(dim=-1)  # [N, c, D]
-        # batched over tags: [c, N, D] @ [c, D, hidden] -> [c, N, hidden]
-        h = torch.bmm(weights.transpose(0, 1), vocab.projected).transpose(0, 1)
-        h = F.relu(h)
-        for layer, kv in zip(self.layers, kvs):
-            h = layer(h, kv)
-        return self.fc(h).squeeze(-1)
+    @staticmethod
+    def _reweighted(g, scale, blk: DescriptionBlock) -> torch.Tensor:
+        """relu(wordvec_proj(q_c)) [N, c, hidden] for the block's tags: the softmax over each
+        tag's own descriptions (no padding, no mask), then their projections weighted by it."""
+        c, d, _ = blk.embeds.shape
+        sim = (scale * g) @ blk.embeds.reshape(c * d, -1).T  # [N, c*d]
+        weights = sim.view(-1, c, d).softmax(dim=-1)  # [N, c, d]
+        # batched over tags: [c, N, d] @ [c, d, hidden] -> [c, N, hidden]
+        return F.relu(torch.bmm(weights.transpose(0, 1), blk.projected).transpose(0, 1))

@@ -17,7 +17,7 @@ from torch import nn
 
 from .backbone import SwinEncoder
 from .checkpoint import LoadedCheckpoint, ModelConfig, check_state, load
-from .errors import CheckpointError, ImageError
+from .errors import CheckpointError, ImageError, VocabularyError
 from .head import PreparedVocabulary, TaggingHead
 from .preprocess import DecodeLimits, ImageInput, decode_any, normalize
 from .vocabulary import Vocabulary
@@ -126,8 +126,11 @@ class RamPlus:
     def prepare_vocabulary(self, vocabulary: Vocabulary | None = None) -> PreparedVocabulary:
         """Project a vocabulary's descriptions once; shareable across model replicas."""
         v = vocabulary or self.vocabulary
+        empty = (v.counts == 0).nonzero()
+        if len(empty):
+            raise VocabularyError(f"tag {v.names[int(empty[0])]!r} has no description embeddings")
         with torch.inference_mode():
-            return self.net.head.prepare(v.embeds.to(self.device, self.dtype), v.mask.to(self.device))
+            return self.net.head.prepare(v.embeds.to(self.device, self.dtype), v.offsets)
 
     def set_vocabulary(self, vocabulary: Vocabulary, prepared: PreparedVocabulary | None = None) -> None:
         self.vocabulary = vocabulary

@@ -20,7 +20,6 @@ one short sentence (schema_errors) whatever the size of the value that caused it
 
 from __future__ import annotations
 
-import io
 import json
 import math
 from dataclasses import dataclass, field
@@ -35,7 +34,8 @@ from . import plain_yaml
 from .errors import VocabularyError
 from .schema_errors import clip, explain
 from .schema_types import Num, Section, Text
-from .vocabulary import OPEN_SET_THRESHOLD, Vocabulary
+from . import vocabulary as limits  # MAX_DESCRIPTIONS, read when a file is checked
+from .vocabulary import OPEN_SET_THRESHOLD, Vocabulary, check_size
 
 UNIT_TOLERANCE = 1e-3
 MAX_NAME = 200  # characters of a tag name or its Chinese name
@@ -125,16 +125,41 @@ def _read_text(uri: str) -> str:
         raise VocabularyError(f"cannot read {clip(uri, 200)}: {type(e).__name__}: {clip(str(e), 200)}") from None
 
 
-def _read_npy(uri: str, tag: str) -> np.ndarray:
+def _read_npy(uri: str, tag: str, room: int) -> np.ndarray:
+    """The file's array, read once; its header is read first, so rows past `room` (what the
+    vocabulary's description limit leaves) are refused before the body is read."""
     import fsspec
 
     try:
         with fsspec.open(uri, "rb") as f:
-            return np.load(io.BytesIO(f.read()), allow_pickle=False)
+            rows = _npy_rows(f)
+            if rows > room:
+                raise VocabularyError(
+                    f"tag {tag!r}: {clip(uri, 200)} holds {rows:,} descriptions, more than the {room:,} left under the limit of "
+                    f"{limits.MAX_DESCRIPTIONS:,} descriptions per vocabulary (ramplus_core.vocabulary.MAX_DESCRIPTIONS)")
+            f.seek(0)
+            arr = np.load(f, allow_pickle=False)
+    except VocabularyError:
+        raise
     except FileNotFoundError:
         raise VocabularyError(f"tag {tag!r}: embeddings file not found: {clip(uri, 200)}") from None
     except Exception as e:  # noqa: BLE001
         raise VocabularyError(f"tag {tag!r}: cannot read embeddings {clip(uri, 200)} as .npy: {clip(str(e), 200)}") from None
+    if not isinstance(arr, np.ndarray):  # an .npz archive
+        raise VocabularyError(f"tag {tag!r}: {clip(uri, 200)} is not a .npy array (an .npz archive?)")
+    return arr
+
+
+def _npy_rows(f) -> int:
+    """Rows of the .npy array in `f` from its header alone (0 when the header is not one we read)."""
+    fmt = np.lib.format
+    try:
+        version = fmt.read_magic(f)
+        read = {(1, 0): fmt.read_array_header_1_0, (2, 0): fmt.read_array_header_2_0}.get(version)
+        shape = read(f)[0] if read else ()
+    except Exception:  # noqa: BLE001 - np.load below gives the precise error
+        return 0
+    return int(shape[0]) if len(shape) == 2 else 1
 
 
 def read_llm_descriptions(uri: str) -> list[TagSpec]:
@@ -157,13 +182,30 @@ def read_llm_descriptions(uri: str) -> list[TagSpec]:
     return specs
 
 
-def _parse_tag(entry: dict, i: int, base: str) -> TagSpec:
+def _parse_tag(entry: dict, i: int, base: str, room: int) -> TagSpec:
     """A TagSpec from one entry of a checked file (`_read_doc`); reads its embeddings file if any."""
     spec = TagSpec(name=entry["name"], where=f"tags[{i}]", descriptions=list(entry["descriptions"] or []),
                    threshold=float(entry["threshold"]), zh=entry["zh"])
     if entry["embeddings"] is not None:
-        spec.embeddings = _read_npy(_resolve(entry["embeddings"], base), spec.name)
+        spec.embeddings = _read_npy(_resolve(entry["embeddings"], base), spec.name, room)
     return spec
+
+
+def _rows_of(spec: TagSpec) -> int:
+    """The rows a tag will have in the vocabulary: its embeddings, its descriptions, or one
+    (the template ensemble is averaged into one description)."""
+    return spec.embeddings.shape[0] if spec.embeddings is not None else max(1, len(spec.descriptions))
+
+
+def _parse_tags(doc: dict, base: str, specs: list[TagSpec], builtin_rows: int, uri: str) -> None:
+    """Append the file's own tags to `specs` (the imports'), then hold the whole to MAX_DESCRIPTIONS:
+    before any embeddings file is read past the limit, and before any text is encoded."""
+    total = builtin_rows + sum(_rows_of(s) for s in specs)
+    for i, entry in enumerate(doc.get("tags") or []):
+        specs.append(_parse_tag(entry, i, base, room=max(0, limits.MAX_DESCRIPTIONS - total)))
+        total += _rows_of(specs[-1])
+    counts = [_rows_of(s) for s in specs]
+    check_size(total, counts, [s.name for s in specs], uri)
 
 
 def _resolve(path: str, base: str) -> str:
@@ -178,10 +220,10 @@ def _check_embeddings(name: str, emb: np.ndarray, dim: int) -> np.ndarray:
         emb = emb[None, :]
     if emb.ndim != 2 or emb.shape[1] != dim or emb.shape[0] == 0:
         raise VocabularyError(f"tag {name!r}: embeddings must be [k, {dim}], got {list(emb.shape)}")
-    emb = emb.astype(np.float32)
+    emb = emb.astype(np.float32, copy=False)  # may be read-only (the file's buffer): never written
     if not np.isfinite(emb).all():
         raise VocabularyError(f"tag {name!r}: embeddings contain NaN or infinity")
-    norms = np.linalg.norm(emb, axis=1)
+    norms = np.sqrt(np.einsum("ij,ij->i", emb, emb))  # no [k, dim] temporary
     if np.abs(norms - 1.0).max() > UNIT_TOLERANCE:
         raise VocabularyError(f"tag {name!r}: embeddings must be unit vectors (norms {norms.min():.4f}..{norms.max():.4f})")
     return emb
@@ -195,12 +237,13 @@ def check_file(uri: str) -> list[str]:
     Which built-in tags exist is checked later, against the checkpoint.
     """
     doc, base = _read_doc(uri)
-    refs = []
+    refs, specs = [], []
     for imp in doc.get("import") or []:
         refs.append(_resolve(imp, base))
-        read_llm_descriptions(refs[-1])
-    for i, entry in enumerate(doc.get("tags") or []):
-        if _parse_tag(entry, i, base).embeddings is not None:
+        specs.extend(read_llm_descriptions(refs[-1]))
+    _parse_tags(doc, base, specs, 0, uri)
+    for entry in doc.get("tags") or []:
+        if entry["embeddings"] is not None:
             refs.append(_resolve(entry["embeddings"], base))
     if doc.get("text_encoder"):
         refs.append(_resolve(str(doc["text_encoder"]), base))
@@ -260,7 +303,7 @@ def load_vocabulary(uri: str, builtin: Vocabulary, tower=None, cache=None) -> "V
     specs: list[TagSpec] = []
     for imp in doc.get("import") or []:
         specs.extend(read_llm_descriptions(_resolve(str(imp), base)))
-    specs.extend(_parse_tag(e, i, base) for i, e in enumerate(doc.get("tags") or []))
+    _parse_tags(doc, base, specs, int(builtin.counts[keep].sum()), uri)
 
     seen = {builtin.names[i]: "builtin" for i in keep}
     for s in specs:
@@ -306,28 +349,32 @@ def load_vocabulary(uri: str, builtin: Vocabulary, tower=None, cache=None) -> "V
     for s in specs:
         s.embeddings = _check_embeddings(s.name, s.embeddings, dim)
 
-    counts = [int(builtin.mask[i].sum()) for i in keep] + [s.embeddings.shape[0] for s in specs]
-    d_max = max(counts) if counts else 1
-    c = len(counts)
-    embeds = torch.zeros(c, d_max, dim)
-    mask = torch.zeros(c, d_max, dtype=torch.bool)
-    if keep:
-        d_b = builtin.embeds.shape[1]
-        embeds[:len(keep), :d_b] = builtin.embeds[keep]
-        mask[:len(keep), :d_b] = builtin.mask[keep]
-    for j, s in enumerate(specs, start=len(keep)):
-        k = s.embeddings.shape[0]
-        embeds[j, :k] = torch.from_numpy(s.embeddings)
-        mask[j, :k] = True
-    vocab = Vocabulary(
-        names=[builtin.names[i] for i in keep] + [s.name for s in specs],
-        thresholds=np.concatenate([builtin.thresholds[keep], np.array([s.threshold for s in specs], dtype=np.float32)]),
-        zh=[builtin.zh[i] for i in keep] + [s.zh for s in specs],
-        embeds=embeds,
-        mask=mask,
-    )
+    vocab = _merge(builtin.subset(keep), specs)
     return VocabularyBuild(vocab, num_builtin=len(keep), num_new=len(specs), texts_encoded=encoded,
                            cache_hit_rate=cache.hit_rate if cache is not None else math.nan, tower_id=tower_id)
+
+
+def _merge(kept: Vocabulary, specs: list[TagSpec]) -> Vocabulary:
+    """The kept built-in tags, then the file's: one flat matrix, each row copied once."""
+    if not specs:
+        return kept
+    counts = torch.cat([kept.counts, torch.tensor([s.embeddings.shape[0] for s in specs], dtype=torch.int64)])
+    offsets = torch.zeros(len(counts) + 1, dtype=torch.int64)
+    offsets[1:] = torch.cumsum(counts, 0)
+    embeds = torch.empty(int(offsets[-1]), kept.embeds.shape[-1])
+    row = kept.embeds.shape[0]
+    embeds[:row] = kept.embeds
+    rows = embeds.numpy()
+    for s in specs:
+        rows[row:row + s.embeddings.shape[0]] = s.embeddings
+        row += s.embeddings.shape[0]
+    return Vocabulary(
+        names=kept.names + [s.name for s in specs],
+        thresholds=np.concatenate([kept.thresholds, np.array([s.threshold for s in specs], dtype=np.float32)]),
+        zh=kept.zh + [s.zh for s in specs],
+        embeds=embeds,
+        offsets=offsets,
+    )
 
 
 @dataclass

@@ -45,7 +45,7 @@ def not_an_image(tmp_path_factory) -> Path:
 def builtin_vocab_checkpoint(tmp_path_factory, tiny_model) -> Path:
     """The tiny weights with a 4585-tag vocabulary (one description each), so the built-in
     names, Chinese names and thresholds apply; small enough to write in a test."""
-    first = tiny_model.vocabulary.embeds[:, 0]  # [24, 512]
+    first = tiny_model.vocabulary.embeds[tiny_model.vocabulary.offsets[:-1]]  # [24, 512]: each tag's first
     label_embed = first[torch.arange(BUILTIN_SIZE) % first.shape[0]].contiguous()
     fake = SimpleNamespace(net=tiny_model.net, label_embed=label_embed,
                            config=replace(tiny_model.config, descriptions_per_tag=1))
@@ -209,7 +209,7 @@ def test_export_fp16_in_process(capsys, golden, tmp_path):
 
 def test_vocabulary_file(capsys, golden, tiny_model, golden_logits_ours, tmp_path):
     """Two built-in tags plus a new one made of tag_005's descriptions: it scores as tag_005."""
-    np.save(tmp_path / "mine.npy", tiny_model.vocabulary.embeds[5].numpy())
+    np.save(tmp_path / "mine.npy", tiny_model.vocabulary.descriptions(5).numpy())
     (tmp_path / "vocab.yaml").write_text(
         "builtin: [tag_003, tag_007]\n"
         "tags:\n"

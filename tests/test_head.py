@@ -58,16 +58,19 @@ def test_model_chunk_size_setting_gives_the_same_tags(golden, golden_tokens, gol
 
 
 def _vocab(names, embeds, mask=None) -> Vocabulary:
+    """From padded [C, D, 512] embeddings and a mask of the real slots."""
     c = len(names)
-    if mask is None:
-        mask = torch.ones(embeds.shape[:2], dtype=torch.bool)
-    return Vocabulary(names=list(names), thresholds=np.full(c, 0.5, dtype=np.float32), zh=[None] * c,
-                      embeds=embeds, mask=mask)
+    return Vocabulary.from_padded(list(names), np.full(c, 0.5, dtype=np.float32), [None] * c, embeds, mask)
+
+
+def _builtin(model) -> torch.Tensor:
+    """The golden vocabulary as [24, 51, 512] (it is stored flat)."""
+    return model.vocabulary.embeds.view(len(model.vocabulary), 51, -1)
 
 
 def test_masked_softmax_padded_tags_equal_each_alone(tiny_model, golden_tokens, golden_logits_ours):
     """Tags with 51, 20, 7 and 1 descriptions in one padded vocabulary, vs each on its own."""
-    builtin = tiny_model.vocabulary.embeds  # [24, 51, 512]
+    builtin = _builtin(tiny_model)  # [24, 51, 512]
     picks, counts = [3, 8, 15, 22], [51, 20, 7, 1]
     d_max = max(counts)
     # Padding slots hold garbage on purpose: the mask alone must keep them out.
@@ -90,7 +93,7 @@ def test_masked_softmax_padded_tags_equal_each_alone(tiny_model, golden_tokens, 
 
 
 def test_reordering_and_extending_the_vocabulary_keeps_scores(tiny_model, golden_tokens, golden_logits_ours):
-    builtin = tiny_model.vocabulary.embeds
+    builtin = _builtin(tiny_model)
     order = list(range(23, -1, -1))
     extra = F.normalize(torch.randn(3, builtin.shape[1], builtin.shape[2], generator=torch.Generator().manual_seed(1)), dim=-1)
     embeds = torch.cat([builtin[order], extra])
@@ -129,12 +132,12 @@ def test_bf16_path_close_to_fp32(golden, golden_logits_ours):
     assert (margins[~same] <= max_dp).all()
 
 
-def test_description_counts_pad_only_within_their_size_class(tiny_model, golden_tokens, golden_logits_ours):
+def test_description_counts_are_never_padded(tiny_model, golden_tokens, golden_logits_ours):
     """24 tags x 51 descriptions plus one with 200 and one with 3: the shared object holds
-    24 x 51 + 200 + 4 rows (not 26 x 200), and every score is what the tag gives alone."""
+    24 x 51 + 200 + 3 rows (not 26 x 200), and every score is what the tag gives alone."""
     from ramplus_core.head import PreparedVocabulary
 
-    builtin = tiny_model.vocabulary.embeds  # [24, 51, 512]
+    builtin = _builtin(tiny_model)  # [24, 51, 512]
     gen = torch.Generator().manual_seed(2)
     long = F.normalize(torch.randn(200, builtin.shape[-1], generator=gen), dim=-1)
     three = builtin[5, [0, 7, 9]]
@@ -147,7 +150,7 @@ def test_description_counts_pad_only_within_their_size_class(tiny_model, golden_
         embeds[25, slot], mask[25, slot] = e, True
     names = [f"tag_{i:03d}" for i in range(24)] + ["long", "three"]
     prepared = tiny_model.prepare_vocabulary(_vocab(names, embeds, mask))
-    assert sorted(tuple(b.mask.shape) for b in prepared.blocks) == [(1, 3), (1, 200), (24, 51)]
+    assert sorted(b.shape for b in prepared.blocks) == [(1, 3), (1, 200), (24, 51)]
     arrays = prepared.to_numpy()
     assert arrays["embeds"].shape[0] == 24 * 51 + 200 + 3
 

@@ -115,10 +115,8 @@ class Tagger:
             raise RuntimeError(f"the checkpoint this worker loaded ({checkpoint}) has model_id {model.model_id}, "
                                f"the driver's has {model_id}: the file differs between nodes")
         # names and thresholds only: the scores come from the shared prepared blocks, so the raw
-        # description embeddings (padded, larger) are never rebuilt here
-        vocab = Vocabulary(names=list(names), thresholds=np.asarray(thresholds, dtype=np.float32),
-                           zh=[None] * len(names), embeds=torch.zeros(len(names), 0, 1),
-                           mask=torch.zeros(len(names), 0, dtype=torch.bool))
+        # description embeddings are never rebuilt here
+        vocab = Vocabulary.without_embeddings(names, thresholds)
         model.set_vocabulary(vocab, prepared)
         model.label_embed = None  # the checkpoint's copy; the shared one above is what we use
         self.prepare_calls = 0

@@ -35,7 +35,7 @@ def load_model_once(cfg: JobConfig, storage: Storage):
         "names": list(vocab.names),
         "thresholds": np.asarray(vocab.thresholds, dtype=np.float32),
         "arrays": prepared.to_numpy(),
-        "descriptions_per_tag": int(vocab.embeds.shape[1]),
+        "descriptions_per_tag": vocab.max_descriptions,
         "descriptor": descriptor(vocab, vocab_id),
         "checkpoint_descriptions_per_tag": int(model.config.descriptions_per_tag),
         "model_loaded": True,
@@ -72,11 +72,11 @@ def model_ids(cfg: JobConfig, storage: Storage, emit) -> dict:
         label_embed, d = read_label_embed(path)
         vocab = build_vocabulary(cfg.vocabulary, Vocabulary.from_label_embed(label_embed, d))
         vocab_id = vocab.content_id()
-        cache.put(ck_key, v_key, hit["model_id"], d, vocab_id, int(vocab.embeds.shape[1]), cfg.checkpoint)
+        cache.put(ck_key, v_key, hit["model_id"], d, vocab_id, vocab.max_descriptions, cfg.checkpoint)
         cache.save()
         return {"model_id": hit["model_id"], "vocab_id": vocab_id, "names": list(vocab.names),
                 "thresholds": np.asarray(vocab.thresholds, dtype=np.float32),
-                "descriptions_per_tag": int(vocab.embeds.shape[1]), "descriptor": descriptor(vocab, vocab_id),
+                "descriptions_per_tag": vocab.max_descriptions, "descriptor": descriptor(vocab, vocab_id),
                 "model_loaded": False, "ids_from": "cached model_id, vocabulary from label_embed",
                 "cache_keys": (ck_key, v_key)}
     model = load_model_once(cfg, storage)

@@ -72,8 +72,6 @@ def select_vocabulary(vocab, vc: VocabularyConfig):
 
     Scores of the kept tags do not change: RAM++ tags never attend to each other.
     """
-    from ..vocabulary import Vocabulary
-
     where = "the vocabulary file's" if vc.file else "the checkpoint's"
     names = None
     key = "vocabulary.tags"
@@ -107,9 +105,7 @@ def select_vocabulary(vocab, vc: VocabularyConfig):
         for name, value in given.items():
             if name in pos:
                 thresholds[pos[name]] = value
-    t = np.asarray(idx)
-    return Vocabulary(names=[vocab.names[i] for i in idx], thresholds=thresholds, zh=[vocab.zh[i] for i in idx],
-                      embeds=vocab.embeds[t], mask=vocab.mask[t])
+    return vocab.subset(idx, thresholds)
 
 
 def _in_file(uri: str, e: VocabularyError) -> str:
@@ -152,15 +148,15 @@ def build_vocabulary(vc: VocabularyConfig, builtin):
 # -- identities and descriptors -------------------------------------------------------------------
 
 def tag_identities(vocab) -> list[str]:
-    """sha256(name, real description embeddings as float32)[:16] per tag; padding excluded."""
+    """sha256(name, the tag's description embeddings as float32)[:16] per tag."""
     import torch
 
-    emb = vocab.embeds.detach().to(torch.float32).cpu().numpy()
-    mask = vocab.mask.cpu().numpy().astype(bool)
+    emb = vocab.embeds.detach().to(torch.float32).cpu().contiguous().numpy()
+    offsets = vocab.offsets.tolist()
     out = []
     for i, name in enumerate(vocab.names):
         h = hashlib.sha256(name.encode("utf-8") + b"\0")
-        h.update(np.ascontiguousarray(emb[i][mask[i]]).tobytes())
+        h.update(emb[offsets[i]:offsets[i + 1]])  # a contiguous slice: hashed in place, not copied
         out.append(h.hexdigest()[:16])
     return out
 

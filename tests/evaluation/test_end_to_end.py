@@ -111,8 +111,8 @@ def test_calibrate_a_real_run_and_the_job_uses_the_file(real_run, tmp_path):
     import torch
 
     base = Vocabulary(names=list(real_run.names), thresholds=np.asarray(real_run.thresholds, np.float32),
-                      zh=[""] * len(real_run.names), embeds=torch.zeros(len(real_run.names), 1, 4),
-                      mask=torch.ones(len(real_run.names), 1, dtype=torch.bool))
+                      zh=[""] * len(real_run.names), embeds=torch.zeros(len(real_run.names), 4),
+                      offsets=torch.arange(len(real_run.names) + 1))
     v = select_vocabulary(base, cfg.vocabulary)
     for i, name in enumerate(v.names):
         want = cal[name]["threshold"] if name in cal else real_run.thresholds[i]

@@ -15,7 +15,7 @@ from ramplus_core.job.vocab import build_vocabulary
 from ramplus_core.job.config import DecodeConfig
 from ramplus_core.preprocess import decode, normalize
 
-from .conftest import CHECKPOINT, GOLDEN, job_config, table_rows
+from .conftest import CHECKPOINT, GOLDEN, job_config, run_tag_bucket, table_rows
 from .test_incremental import tiny_jpeg
 
 
@@ -137,3 +137,19 @@ def test_a_bad_vocabulary_file_fails_before_listing(tmp_path):
     with pytest.raises(VocabularyError, match=r"vocabulary.file .*bad.yaml: tag 'team event': embeddings must be"):
         run(cfg, emit=lambda s: None)
     assert not (out / "_staging").exists() and not (out / "_runs").exists()
+
+
+def test_a_vocabulary_over_the_description_limit_is_exit_2_before_listing(tmp_path):
+    """An embeddings file whose header claims 2,000,000 rows (no body: refused from the header)."""
+    src, out = tmp_path / "in", tmp_path / "out"
+    shutil.copytree(GOLDEN / "images", src)
+    with open(tmp_path / "huge.npy", "wb") as f:
+        np.lib.format.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": False, "shape": (2_000_000, 512)})
+    big = vocab_file(tmp_path, "big.yaml", "all", [{"name": "huge", "embeddings": "huge.npy"}])
+    r = run_tag_bucket("--config", str(job_config(tmp_path)), "--input", str(src), "--output", str(out),
+                       "--checkpoint", str(CHECKPOINT), "--vocab", big, timeout=300)
+    assert r.returncode == 2, r.stderr[-2000:]
+    line = r.stderr.strip()
+    assert line.count("\n") == 0 and line.startswith("tag_bucket: error: vocabulary.file "), line
+    assert "tag 'huge'" in line and "2,000,000 descriptions" in line and "limit of 1,000,000" in line, line
+    assert not out.exists() or not any(out.iterdir())

@@ -362,7 +362,7 @@ def test_a_vocabulary_file_with_a_python_tag_or_pickled_arrays_is_refused(tmp_pa
     import torch
 
     builtin = Vocabulary(names=["cat"], thresholds=np.array([0.5], np.float32), zh=[None],
-                         embeds=torch.ones((1, 1, 512)) / 512 ** 0.5, mask=torch.ones((1, 1), dtype=torch.bool))
+                         embeds=torch.ones((1, 512)) / 512 ** 0.5, offsets=torch.tensor([0, 1]))
     marker = tmp_path / "code_ran"
     vocab = tmp_path / "vocab.yaml"
     vocab.write_text(f"builtin: all\ntags:\n  - name: !!python/object/apply:os.system ['touch {marker}']\n")

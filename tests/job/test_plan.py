@@ -35,7 +35,7 @@ def vocab(names, thresholds=0.5, seed=0, changed=()):
     mask = torch.zeros(len(names), 2, dtype=torch.bool)
     mask[:, 0] = True
     th = np.full(len(names), thresholds, np.float32) if np.isscalar(thresholds) else np.asarray(thresholds, np.float32)
-    return Vocabulary(names=list(names), thresholds=th, zh=[None] * len(names), embeds=emb, mask=mask)
+    return Vocabulary.from_padded(list(names), th, [None] * len(names), emb, mask)
 
 
 class Out:

@@ -44,8 +44,8 @@ def _config_error(tmp_path, text: str = "", **kw) -> str:
 
 
 def _builtin() -> Vocabulary:
-    return Vocabulary(names=["cat"], thresholds=np.array([0.5], np.float32), zh=[None],
-                      embeds=torch.ones((1, 1, 512)) / 512 ** 0.5, mask=torch.ones((1, 1), dtype=torch.bool))
+    return Vocabulary.from_padded(names=["cat"], thresholds=np.array([0.5], np.float32), zh=[None],
+                                  embeds=torch.ones((1, 1, 512)) / 512 ** 0.5)
 
 
 def _vocab_error(tmp_path, text: str) -> str:
