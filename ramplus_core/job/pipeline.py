@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 from ..errors import ConfigError
 from .config import JobConfig
 from .inference import Tagger
+from .local_read import link_roots
 from .progress import bars_on, progress_line, quiet_bars_off_notice
 from .storage import Storage, join
 from .work import load_inputs
@@ -122,7 +123,8 @@ def run_pipeline(cfg: JobConfig, storage: Storage, staging: str, files: list[str
         batch_size=cfg.decode.batch_size,
         batch_format="pyarrow",
         fn_kwargs={"storage": storage, "fetch": cfg.fetch, "limits": limits, "output_uri": cfg.output,
-                   "defer_jpeg": plan.decode_in_actor},
+                   "defer_jpeg": plan.decode_in_actor,
+                   "links_inside": link_roots(cfg.input, cfg.listing.follow_links)},
         num_cpus=plan.decode_cpus,
         compute=TaskPoolStrategy(size=plan.decode_tasks) if plan.decode_tasks else None,
         udf_modifying_row_count=False,
@@ -236,6 +238,7 @@ def run_in_driver(cfg: JobConfig, storage: Storage, staging: str, files: list[st
     """
     fs, _ = storage.pyarrow(join(staging, "plan"))
     limits = cfg.decode.limits()  # the driver has no GPU (runs_on_this_cpu): decoded in load_inputs
+    links_inside = link_roots(cfg.input, cfg.listing.follow_links)
     tagger = Tagger(checkpoint=cfg.checkpoint, storage=storage, vocab_ref=arrays, names=model["names"],
                     thresholds=model["thresholds"], model_id=model["model_id"], vocab_id=model["vocab_id"],
                     device="cpu", dtype=cfg.inference.dtype, torch_threads=cfg.inference.torch_threads,
@@ -259,7 +262,7 @@ def run_in_driver(cfg: JobConfig, storage: Storage, staging: str, files: list[st
     for path in files:
         for batch in pq.ParquetFile(path, filesystem=fs).iter_batches(batch_size=cfg.inference.batch_size):
             out = tagger(load_inputs(pa.Table.from_batches([batch]), storage=storage, fetch=cfg.fetch,
-                                     limits=limits, output_uri=cfg.output))
+                                     limits=limits, output_uri=cfg.output, links_inside=links_inside))
             n_ok = out.column("error").null_count
             snap["tagged"] += n_ok
             snap["errors"] += out.num_rows - n_ok

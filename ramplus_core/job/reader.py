@@ -24,6 +24,7 @@ not retried: waiting does not change them.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import random
 import time
@@ -35,8 +36,9 @@ import pyarrow as pa
 from ..errors import ImageError
 from ..gpu_decode import wants
 from ..preprocess import IMAGE_SIZE, DecodeLimits, decode
-from .config import FetchConfig
-from .storage import Storage
+from .config import FetchConfig, uri_scheme
+from .local_read import RefusedFile, read_local
+from .storage import Storage, local_path
 
 #: What flows from the decode tasks to the inference actors. `pixels` is HWC uint8 of
 #: 384x384x3 bytes, empty for error rows and for JPEGs passed on undecoded in `encoded`
@@ -64,6 +66,10 @@ class FetchError(Exception):
 
 
 def _classify(e: BaseException) -> FetchError:
+    if isinstance(e, RefusedFile):
+        return FetchError(e.strerror, True)
+    if isinstance(e, OSError) and e.errno == errno.ELOOP:
+        return FetchError("symbolic link loop", True)
     if isinstance(e, FileNotFoundError):
         return FetchError("object not found (deleted after listing?)", True)
     if isinstance(e, PermissionError):
@@ -83,8 +89,12 @@ def backoff_s(attempt: int, cfg: FetchConfig, rng=random.random) -> float:
     return min(cfg.max_backoff_s, cfg.backoff_s * 2 ** (attempt - 1)) * (0.5 + rng())
 
 
-def fetch_bytes(storage: Storage, uri: str, max_bytes: int, cfg: FetchConfig, listed_size: Optional[int]) -> bytes:
-    """Read at most max_bytes + 1 bytes (enough to know it is too big) with bounded retries."""
+def fetch_bytes(storage: Storage, uri: str, max_bytes: int, cfg: FetchConfig, listed_size: Optional[int],
+                links_inside=None) -> bytes:
+    """Read at most max_bytes + 1 bytes (enough to know it is too big) with bounded retries.
+
+    links_inside: for local files, `local_read.read_local`'s `inside` (None follows links).
+    """
     if listed_size is not None and listed_size > max_bytes:
         raise ImageError(f"object is {listed_size} bytes, over the limit of {max_bytes} (decode.max_bytes); not fetched",
                          stage="fetch")
@@ -94,10 +104,14 @@ def fetch_bytes(storage: Storage, uri: str, max_bytes: int, cfg: FetchConfig, li
     t0 = time.monotonic()
     while True:
         try:
+            if uri_scheme(uri) == "file":
+                data = read_local(local_path(uri), max_bytes + 1, links_inside)
+                break
             fs, path = storage.fetch_fs(uri)
             # One ranged GET, no HEAD: an object that grew since it was listed (or a server that
             # ignores Range) still yields at most max_bytes + 1 bytes.
             data = fs.cat_file(path, start=0, end=max_bytes + 1)
+            break
         except Exception as e:  # noqa: BLE001 - any client error is classified below
             err = _classify(e)
             if err.permanent or attempt >= cfg.retries:
@@ -105,11 +119,10 @@ def fetch_bytes(storage: Storage, uri: str, max_bytes: int, cfg: FetchConfig, li
                 raise ImageError(storage.scrub(f"fetch failed{tries}: {err.reason}"), stage="fetch") from None
             attempt += 1
             time.sleep(backoff_s(attempt, cfg))
-            continue
-        if len(data) > max_bytes:
-            raise ImageError(f"object is over the limit of {max_bytes} bytes (decode.max_bytes); read stopped at "
-                             f"{max_bytes + 1}", stage="fetch")
-        return data
+    if len(data) > max_bytes:
+        raise ImageError(f"object is over the limit of {max_bytes} bytes (decode.max_bytes); read stopped at "
+                         f"{max_bytes + 1}", stage="fetch")
+    return data
 
 
 def _decode_row(data: bytes, limits: DecodeLimits):
@@ -118,10 +131,11 @@ def _decode_row(data: bytes, limits: DecodeLimits):
 
 
 def fetch_decode(batch: pa.Table, *, storage: Storage, fetch: FetchConfig, limits: DecodeLimits,
-                 defer_jpeg: bool = False) -> pa.Table:
+                 defer_jpeg: bool = False, links_inside=None) -> pa.Table:
     """The Ray Data UDF: a listing batch -> DECODED_SCHEMA rows, one per input row.
 
     defer_jpeg: JPEGs the GPU decoder takes pass through undecoded in `encoded`.
+    links_inside: as in `fetch_bytes` (`local_read.link_roots` of the run).
     """
     rows = batch.to_pylist()
     n = len(rows)
@@ -144,7 +158,8 @@ def fetch_decode(batch: pa.Table, *, storage: Storage, fetch: FetchConfig, limit
 
     def job(i):
         try:
-            return i, fetch_bytes(storage, rows[i]["uri"], limits.max_bytes, fetch, rows[i].get("size")), None
+            return i, fetch_bytes(storage, rows[i]["uri"], limits.max_bytes, fetch, rows[i].get("size"),
+                                  links_inside), None
         except ImageError as e:
             return i, None, e
 

@@ -6,7 +6,8 @@ or echo what they were given), tracebacks, `sys.argv` (`--set storage.secret_acc
 on a command line). So every line the driver emits, the manifest, the pipeline's error text
 and the CLI's last words pass through one Scrubber that knows the run's actual key values
 (from the config and the environment) and replaces them, wherever they appear, with `***`.
-Error rows are scrubbed in the reader with the same Storage recipe.
+Error rows are scrubbed in the reader with the same Storage recipe. Keys that a node's
+credential chain gave this process (`credentials.delta_keys`) are scrubbed as soon as read.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import re
 from typing import Callable, Iterable, Optional
 
 from .config import SECRET_KEYS
+from .credentials import resolved_secrets
 from .storage import scrub
 
 SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
@@ -43,7 +45,7 @@ class Scrubber:
     def text(self, s: str) -> str:
         if not isinstance(s, str) or not s:
             return s
-        return _SET_SECRET.sub(r"\1***", scrub(s, self.secrets))
+        return _SET_SECRET.sub(r"\1***", scrub(s, self.secrets + resolved_secrets()))
 
     def obj(self, x):
         """A copy of plain data (dicts, lists, strings) with every string scrubbed."""

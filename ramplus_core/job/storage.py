@@ -46,8 +46,9 @@ class Storage:
     @classmethod
     def from_config(cls, cfg: StorageConfig, environ: Optional[dict] = None) -> "Storage":
         env = os.environ if environ is None else environ
-        key = cfg.access_key_id or env.get("AWS_ACCESS_KEY_ID")
-        secret = cfg.secret_access_key or env.get("AWS_SECRET_ACCESS_KEY")
+        # `or None`: an empty variable is unset, as in botocore and the AWS SDK (the chain goes on)
+        key = cfg.access_key_id or env.get("AWS_ACCESS_KEY_ID") or None
+        secret = cfg.secret_access_key or env.get("AWS_SECRET_ACCESS_KEY") or None
         if bool(key) != bool(secret):
             raise ConfigError("storage.access_key_id / storage.secret_access_key: give both or neither "
                               "(in the config or as AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)")
@@ -60,7 +61,7 @@ class Storage:
             endpoint_url=endpoint,
             access_key_id=key,
             secret_access_key=secret,
-            session_token=cfg.session_token or env.get("AWS_SESSION_TOKEN"),
+            session_token=cfg.session_token or env.get("AWS_SESSION_TOKEN") or None,
             region=cfg.region or env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION"),
             max_attempts=getattr(cfg, "max_attempts", DEFAULT_MAX_ATTEMPTS),
         )

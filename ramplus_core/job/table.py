@@ -33,6 +33,7 @@ import pyarrow as pa
 
 from ..errors import ConfigError
 from .config import uri_scheme
+from .credentials import delta_keys
 from .schemas import DELETED_SCHEMA, TABLE_SCHEMAS
 from .storage import Storage, join, local_path
 
@@ -74,6 +75,8 @@ def delta_options(storage: Storage, output: str) -> dict:
         opts["AWS_SECRET_ACCESS_KEY"] = storage.secret_access_key
         if storage.session_token:
             opts["AWS_SESSION_TOKEN"] = storage.session_token
+    else:  # the node's own chain; a profile is resolved here because delta-rs ignores profiles
+        opts.update(delta_keys())
     return opts
 
 

@@ -81,8 +81,9 @@ def read_token_rows(storage: Storage, output_uri: str, rel: str, rows: list[int]
 # -- the UDF ------------------------------------------------------------------------------------------
 
 def load_inputs(batch: pa.Table, *, storage: Storage, fetch: FetchConfig, limits: DecodeLimits,
-                output_uri: str, defer_jpeg: bool = False) -> pa.Table:
-    """The Ray Data UDF: plan rows -> LOADED_SCHEMA rows; `defer_jpeg` as in `reader.fetch_decode`."""
+                output_uri: str, defer_jpeg: bool = False, links_inside=None) -> pa.Table:
+    """The Ray Data UDF: plan rows -> LOADED_SCHEMA rows; `defer_jpeg` and `links_inside` as in
+    `reader.fetch_decode`."""
     n = batch.num_rows
     names = batch.column_names
     need = batch.column("need").to_pylist() if "need" in names else ["pixels"] * n
@@ -120,7 +121,8 @@ def load_inputs(batch: pa.Table, *, storage: Storage, fetch: FetchConfig, limits
         listing = batch.select([c for c in _LISTING_COLUMNS if c in names]).take(pa.array(px))
         if "list_error" not in listing.column_names:
             listing = listing.append_column("list_error", pa.nulls(len(px), pa.string()))
-        decoded = fetch_decode(listing, storage=storage, fetch=fetch, limits=limits, defer_jpeg=defer_jpeg)
+        decoded = fetch_decode(listing, storage=storage, fetch=fetch, limits=limits, defer_jpeg=defer_jpeg,
+                               links_inside=links_inside)
         # the pixels (442 KB a row) and JPEG bytes stay in Arrow: one gather, no Python bytes per image
         src = np.full(n, len(px), dtype=np.int64)
         src[px] = np.arange(len(px))
