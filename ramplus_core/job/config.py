@@ -149,6 +149,11 @@ class InferenceConfig:
     # Ray restarts a crashed replica and re-sends its batch, this many times (-1: forever)
     max_restarts: int = field(default=5, metadata=_check(_retry_count))
     max_task_retries: int = field(default=3, metadata=_check(_retry_count))
+    # elastic pool (null = actors: a fixed pool); with no live node able to host one replica
+    # for capacity_wait_s the run fails, uncommitted, and a re-run resumes it
+    min_actors: Optional[int] = field(default=None, metadata=_check(_positive))
+    max_actors: Optional[int] = field(default=None, metadata=_check(_positive))
+    capacity_wait_s: float = field(default=600.0, metadata=_check(_positive))
 
 
 @dataclass(frozen=True)
