@@ -148,7 +148,7 @@ class InferenceConfig:
     driver_max_images: int = field(default=200, metadata=_check(_non_negative))
     # Ray restarts a crashed replica and re-sends its batch, this many times (-1: forever)
     max_restarts: int = field(default=5, metadata=_check(_retry_count))
-    max_task_retries: int = field(default=3, metadata=_check(_retry_count))
+    max_task_retries: int = field(default=-1, metadata=_check(_retry_count))
     # elastic pool (null = actors: a fixed pool); with no live node able to host one replica
     # for capacity_wait_s the run fails, uncommitted, and a re-run resumes it
     min_actors: Optional[int] = field(default=None, metadata=_check(_positive))

@@ -54,6 +54,19 @@ def _node_ports() -> dict:
             "metrics_export_port": d}
 
 
+def _retried(start, tries: int = 3):
+    """A node start, tried again when its raylet gave up on its agents: the raylet waits a
+    fixed ~15 s for the dashboard agent's port file, which a loaded 2-core machine can
+    miss. A failed start stops the processes it began (Ray's Node does that itself)."""
+    for i in range(tries):
+        try:
+            return start()
+        except Exception:  # noqa: BLE001 - "The current node timed out during startup"
+            if i == tries - 1:
+                raise
+            time.sleep(2)
+
+
 class LocalCluster:
     """A head without GPUs (the driver's node: it holds the vocabulary's primary copy) and
     worker nodes with GPUs; nodes can be added and killed while a job runs."""
@@ -64,10 +77,15 @@ class LocalCluster:
         self.tmp = tmp
         addr_file = Path("/tmp/ray/ray_current_cluster")
         self._addr_before = addr_file.read_text() if addr_file.exists() else None
-        gcs, client = free_ports(2)
-        self.cluster = Cluster(initialize_head=True, head_node_args=dict(
-            num_cpus=head_cpus, num_gpus=0, object_store_memory=STORE_BYTES, include_dashboard=False,
-            gcs_server_port=gcs, ray_client_server_port=client, temp_dir=str(tmp), **_node_ports()))
+        self.cluster = Cluster()
+
+        def head():
+            gcs, client = free_ports(2)
+            return self.cluster.add_node(
+                num_cpus=head_cpus, num_gpus=0, object_store_memory=STORE_BYTES, include_dashboard=False,
+                gcs_server_port=gcs, ray_client_server_port=client, temp_dir=str(tmp), **_node_ports())
+
+        _retried(head)
         self._restore_address_file()  # Cluster points every plain ray.init() on this machine at us
         self.address = self.cluster.address
 
@@ -79,7 +97,8 @@ class LocalCluster:
             addr_file.write_text(self._addr_before)
 
     def add_worker(self, gpus: int = 1, cpus: float = 1):
-        return self.cluster.add_node(num_cpus=cpus, num_gpus=gpus, object_store_memory=STORE_BYTES, **_node_ports())
+        return _retried(lambda: self.cluster.add_node(num_cpus=cpus, num_gpus=gpus, object_store_memory=STORE_BYTES,
+                                                      **_node_ports()))
 
     def kill(self, node) -> None:
         """The node's raylet and its workers SIGKILLed: a lost machine (a reclaimed spot instance)."""
@@ -108,8 +127,13 @@ class LocalCluster:
         return sum(1 for t in self.replicas(node).values() if t.endswith(".submit"))
 
     def shutdown(self) -> None:
+        """Every node's processes killed; not `Cluster.shutdown`, which also resets the
+        internal KV client of a Ray this test process may be connected to (ray_local)."""
         try:
-            self.cluster.shutdown()
+            for n in list(self.cluster.worker_nodes):
+                self.cluster.remove_node(n, allow_graceful=False)
+            if self.cluster.head_node is not None:
+                self.cluster.remove_node(self.cluster.head_node, allow_graceful=False)
         finally:
             self._restore_address_file()
 
