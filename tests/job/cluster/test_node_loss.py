@@ -111,7 +111,14 @@ def test_driver_killed_under_ray_job_submit_then_resubmitted_resumes(ray_head, t
     client = JobSubmissionClient(ray_head)
 
     def submit(env: dict) -> str:
-        return client.submit_job(entrypoint=entry, runtime_env={"working_dir": str(REPO), "env_vars": env})
+        deadline = time.time() + 180
+        while True:  # the head's job agent can answer later than its dashboard on a loaded machine
+            try:
+                return client.submit_job(entrypoint=entry, runtime_env={"working_dir": str(REPO), "env_vars": env})
+            except RuntimeError as e:
+                if "No available agent" not in str(e) or time.time() > deadline:
+                    raise
+                time.sleep(2)
 
     def finished(job_id):
         return client.get_job_status(job_id) in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}
