@@ -1,6 +1,5 @@
 """jobs/tag_bucket.py with HeldTagger in the pipeline's seam (pipeline.TAGGER_CLASS): the
-job's own driver and code path, replicas that wait while $HOLD_FILE exists. Writes its pid
-to $DRIVER_PID_FILE when set, so a test can SIGKILL this driver under `ray job submit`."""
+job's own driver and code path, replicas that wait while $HOLD_FILE exists."""
 
 from __future__ import annotations
 
@@ -13,9 +12,6 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[2]
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(REPO))
-
-if os.environ.get("DRIVER_PID_FILE"):
-    Path(os.environ["DRIVER_PID_FILE"]).write_text(str(os.getpid()))
 
 import held_tagger  # noqa: E402
 import ray.cloudpickle  # noqa: E402
