@@ -127,7 +127,12 @@ class InferenceConfig(Section):
     driver_max_images: Int = Field(200, ge=0, le=1_000_000)
     # Ray restarts a crashed replica and re-sends its batch, this many times (-1: forever)
     max_restarts: Retries = 5
-    max_task_retries: Retries = 3
+    max_task_retries: Retries = -1
+    # elastic pool (null = actors: a fixed pool); with no live node able to host one replica
+    # for capacity_wait_s the run fails, uncommitted, and a re-run resumes it
+    min_actors: Optional[Int] = Field(None, gt=0, le=10_000)
+    max_actors: Optional[Int] = Field(None, gt=0, le=10_000)
+    capacity_wait_s: Num = Field(600.0, gt=0, le=7 * 86400)
 
 
 class VocabularyConfig(Section):

@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..errors import ConfigError
+from .capacity import run_watched
 from .config import JobConfig
 from .inference import Tagger
 from .local_read import link_roots
@@ -54,6 +55,9 @@ class Resources:
     decode_tasks: Optional[int]
     #: JPEG bytes travel compressed to the actors and are decoded there (nvJPEG on a GPU)
     decode_in_actor: bool = False
+    #: the elastic pool's bounds (`actors` is where it starts); equal to `actors` for a fixed pool
+    min_actors: Optional[int] = None
+    max_actors: Optional[int] = None
 
 
 def ensure_ray(cfg: JobConfig) -> bool:
@@ -83,6 +87,11 @@ def plan_resources(cfg: JobConfig) -> Resources:
     if gpa > 0 and gpus < gpa:
         raise ConfigError(f"inference.gpus_per_actor: {gpa} GPU(s) per actor, but the cluster has {gpus:g}")
     actors = ic.actors or (max(1, int(gpus // gpa)) if gpa > 0 else nodes)
+    lo = ic.min_actors or min(actors, ic.max_actors or actors)
+    hi = ic.max_actors or max(actors, lo)
+    if lo > hi:
+        raise ConfigError(f"inference.min_actors: {lo} is more than inference.max_actors: {hi}")
+    actors = min(max(actors, lo), hi)
     device = ic.device or ("cuda" if gpa > 0 else "cpu")
     if device.startswith("cuda") and gpa == 0:
         raise ConfigError("inference.device: cuda needs inference.gpus_per_actor > 0 (the cluster has "
@@ -100,14 +109,29 @@ def plan_resources(cfg: JobConfig) -> Resources:
         # only feeds its GPU, and torch's default (all cores) would fight the decode tasks.
         threads = max(1, int(cpus // actors)) if device == "cpu" else max(1, int(ic.num_cpus))
     return Resources(cpus, gpus, nodes, actors, gpa, ic.num_cpus, device, ic.dtype, threads,
-                     cfg.decode.num_cpus, cfg.decode.tasks, cfg.decode.in_actor(device))
+                     cfg.decode.num_cpus, cfg.decode.tasks, cfg.decode.in_actor(device), lo, hi)
+
+
+def actor_pool(plan: Resources):
+    """A fixed pool of `actors`, or an elastic one from min_actors to max_actors starting at `actors`."""
+    from ray.data import ActorPoolStrategy
+
+    lo, hi = plan.min_actors or plan.actors, plan.max_actors or plan.actors
+    if lo == hi == plan.actors:
+        return ActorPoolStrategy(size=plan.actors)
+    return ActorPoolStrategy(min_size=lo, max_size=hi, initial_size=plan.actors)
 
 
 def run_pipeline(cfg: JobConfig, storage: Storage, staging: str, files: list[str], plan: Resources,
-                 model: dict, vocab_ref, counter, sink: ResultsSink, keys: dict, run_id: str) -> list[dict]:
-    """Run the pipeline to its end; returns where its time went per stage (`stage_stats`)."""
+                 model: dict, vocab_ref, counter, sink: ResultsSink, keys: dict, run_id: str,
+                 emit=None) -> list[dict]:
+    """Run the pipeline to its end; returns where its time went per stage (`stage_stats`).
+
+    It runs under the capacity watch (capacity.py): with no node left that can host a
+    replica for `inference.capacity_wait_s`, it raises NoCapacity instead of waiting forever.
+    """
     import ray
-    from ray.data import ActorPoolStrategy, TaskPoolStrategy
+    from ray.data import TaskPoolStrategy
 
     dctx = ray.data.DataContext.get_current()
     dctx.enable_progress_bars = bars_on(cfg.ray.progress_bars)
@@ -134,7 +158,7 @@ def run_pipeline(cfg: JobConfig, storage: Storage, staging: str, files: list[str
         TAGGER_CLASS,
         batch_size=cfg.inference.batch_size,
         batch_format="pyarrow",
-        compute=ActorPoolStrategy(size=plan.actors),
+        compute=actor_pool(plan),
         num_cpus=plan.actor_cpus,
         num_gpus=plan.gpus_per_actor or None,
         # bounded, not Ray Data's default of forever: a batch that kills every replica fails the run
@@ -153,7 +177,8 @@ def run_pipeline(cfg: JobConfig, storage: Storage, staging: str, files: list[str
         udf_modifying_row_count=False,
     )
     t0 = time.perf_counter()
-    ds.write_datasink(sink, ray_remote_args={"num_cpus": 0.25})
+    run_watched(lambda: ds.write_datasink(sink, ray_remote_args={"num_cpus": 0.25}), cpus=plan.actor_cpus,
+                gpus=plan.gpus_per_actor, wait_s=cfg.inference.capacity_wait_s, emit=emit)
     return stage_stats(ds, t0, same_clock=plan.nodes == 1)
 
 

@@ -30,6 +30,7 @@ from . import model_step as ms
 from . import pipeline as pp
 from . import plan as pl
 from . import table as tb
+from .capacity import object_nodes
 from .config import JobConfig, redact_uri, redacted, uri_scheme
 from .listing import Fingerprint, ListingFailed, ListingResult, list_inputs
 from .progress import ProgressCounter, ProgressReporter, progress_line, steady_rate, summary_table
@@ -210,12 +211,13 @@ def work_step(cfg: JobConfig, storage: Storage, rs: RunState, plan: pl.Plan, mod
     reporter = ProgressReporter(counter, todo_rows, cfg.ray.progress_interval_s, emit, res.actors).start()
     try:
         out["stages"] = pp.run_pipeline(cfg, storage, rs.staging, todo, res, model, vocab_ref, counter, sink,
-                                        plan.keys, rs.run_id)
+                                        plan.keys, rs.run_id, emit)
     except Exception as e:  # noqa: BLE001 - recorded in the FAILED manifest, then re-raised
         out["error"] = scrubber.text(f"{type(e).__name__}: {last_line(e)}")
     finally:
         reporter.stop()
     timings["pipeline"] = time.perf_counter() - t
+    out["vocab_nodes"] = object_nodes(vocab_ref)
     try:
         out["snap"] = ray.get(counter.snapshot.remote(), timeout=60)
         emit(progress_line(out["snap"], todo_rows, timings["pipeline"], res.actors))
@@ -440,7 +442,7 @@ def _manifest(cfg: JobConfig, rs: RunState, model: dict, listing: ListingResult,
         "model_loaded": bool(model.get("model_loaded")),
         "ids_from": model.get("ids_from"),
         "vocabulary": {"tags": len(model["names"]), "descriptions_per_tag": model["descriptions_per_tag"],
-                       "object_bytes": work["vocab_bytes"],
+                       "object_bytes": work["vocab_bytes"], "object_nodes": work.get("vocab_nodes", []),
                        "file": redact_uri(cfg.vocabulary.file) if cfg.vocabulary.file else None,
                        # per earlier vocabulary whose rows this run re-decided: tags added and removed
                        # since (by name and descriptions), scores copied, tags the model scored
