@@ -57,6 +57,11 @@ def ray_head(env: dict | None = None, start_timeout_s: float = 240, attempts: in
     from ray.job_submission import JobSubmissionClient
 
     d = Path(tempfile.mkdtemp(prefix="rj", dir="/tmp"))  # short: Ray's socket paths have a length limit
+    # `ray start` points every later plain `ray.init()` on this machine at this head (the file
+    # below); once the head is gone such an init waits for a dead GCS and then exits the
+    # process (this test session included, with status 1 and no message), so it is put back.
+    addr_file = Path("/tmp/ray/ray_current_cluster")
+    addr_before = addr_file.read_text() if addr_file.exists() else None
     env = {**(os.environ if env is None else env), "RAY_AUTH_MODE": "disabled",
            "PYTHONUNBUFFERED": "1",  # the started line must reach head.log at once
            "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
@@ -83,6 +88,10 @@ def ray_head(env: dict | None = None, start_timeout_s: float = 240, attempts: in
     finally:
         if proc is not None:
             _stop(proc)
+        if addr_before is None:
+            addr_file.unlink(missing_ok=True)
+        else:
+            addr_file.write_text(addr_before)
         if not os.environ.get("KEEP_RAY_TMP"):
             shutil.rmtree(d, ignore_errors=True)
 
