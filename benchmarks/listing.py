@@ -272,7 +272,7 @@ def night_rows(label: str, r: dict, keys: int) -> list[tuple]:
         (sec, f"load_state ({r['state_rows']:,} rows)", rate(r["load_s"], cpu["load"]),
          f"{_mib(r['state_bytes'])} of arrays; peak RSS so far {_mib(r['rss_state'])}"),
         (sec, "make_plan (join, plan shards, deletions)", rate(r["plan_s"], cpu["plan"]),
-         f"join {s['join']:.1f} s, deletions {s['deleted']:.1f} s; {c['new']:,} new, {c['skipped']:,} skipped, "
+         f"join {s['join']:.1f} s, deletions {s['deleted']:.1f} s; {c['new']:,} new, {c['already_done']:,} already done, "
          f"{c['deleted']:,} deleted; {r['plan']['work']:,} work rows"),
         (sec, "driver total (listing shards + load + plan)", f"{total:.0f} s, CPU {total_cpu:.0f} s",
          f"{total * per:.1f} s/M (CPU {total_cpu * per:.1f} s/M); peak RSS {_mib(r['peak_rss'])}; load {_load()}"),
@@ -292,7 +292,7 @@ def synthetic_part(tmp: Path, n: int) -> list[tuple]:
     new = n // 100
     second = _phase("night", out, str(tmp / "night2"), n + new)
     c = second["plan"]["counts"]
-    assert (c["new"], c["skipped"], c["deleted"]) == (new, n, 0), c
+    assert (c["new"], c["already_done"], c["deleted"]) == (new, n, 0), c
     rows += night_rows("second night (+1% new)", second, n + new)
     return rows
 

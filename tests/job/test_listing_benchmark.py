@@ -23,4 +23,4 @@ def test_listing_benchmark_smoke(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "list_inputs, listing.parallelism=4" in out and "keys per CPU s" in out
     assert "0.02M keys, first night (no state)" in out and "0.0202M keys, second night (+1% new)" in out
-    assert "200 new, 20,000 skipped, 0 deleted" in out
+    assert "200 new, 20,000 already done, 0 deleted" in out
