@@ -26,7 +26,7 @@ class AliasRefused(yaml.MarkedYAMLError):
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
-def load(text: str) -> Any:
+def safe_load(text: str) -> Any:
     """The document in `text` as plain Python data; raises yaml.YAMLError (see `problem`).
 
     The events are checked first (cheap: nothing is built), then the document is loaded.

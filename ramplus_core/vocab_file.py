@@ -257,7 +257,7 @@ def _read_doc(uri: str) -> tuple[dict, str]:
     """The file checked against VocabFile, as plain data (tags as mappings with every key)."""
     text = _read_text(uri)
     try:
-        raw = plain_yaml.load(text)
+        raw = plain_yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise VocabularyError(f"{clip(uri, 200)}: {plain_yaml.problem(e)}") from None
     try:

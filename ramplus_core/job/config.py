@@ -225,7 +225,7 @@ def parse_set(items: list[str]) -> list[tuple[str, Any]]:
             raise ConfigError(f"--set {clip(item)!r}: expected key=value, e.g. --set decode.jpeg_draft=false")
         k, v = item.split("=", 1)
         try:
-            out.append((k.strip(), plain_yaml.load(v) if v.strip() else None))
+            out.append((k.strip(), plain_yaml.safe_load(v) if v.strip() else None))
         except yaml.YAMLError as e:
             raise ConfigError(f"--set {clip(k)}: {plain_yaml.problem(e)}") from None
     return out
@@ -242,7 +242,7 @@ def load_config(path: Optional[str] = None, *, inputs: Optional[list[str]] = Non
         if not p.is_file():
             raise ConfigError(f"--config: file not found: {clip(path)}")
         try:
-            loaded = plain_yaml.load(p.read_text(encoding="utf-8"))
+            loaded = plain_yaml.safe_load(p.read_text(encoding="utf-8"))
         except yaml.YAMLError as e:
             raise ConfigError(f"--config {clip(path)}: {plain_yaml.problem(e)}") from None
         except UnicodeDecodeError as e:

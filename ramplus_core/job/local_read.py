@@ -32,8 +32,8 @@ class RefusedFile(OSError):
 def read_local(path: str, limit: int, inside: Optional[Sequence[str]]) -> bytes:
     """At most `limit` bytes of a regular file.
 
-    `inside`: None follows links anywhere (`listing.follow_links` on); otherwise the input
-    folders (local paths) the file must really be in, links resolved.
+    `inside`: None follows links anywhere (`listing.follow_links` on); otherwise the real
+    paths (links resolved: `link_roots`) of the input folders the file must really be in.
     """
     if inside is None:
         fd = os.open(path, _FLAGS)
@@ -73,15 +73,12 @@ def _opened_path(fd: int, path: str) -> str:
 
 
 def _within(real: str, roots: Sequence[str]) -> bool:
-    for root in roots:
-        r = os.path.realpath(root)
-        if os.path.commonpath([r, real]) == r:
-            return True
-    return False
+    return any(os.path.commonpath([r, real]) == r for r in roots)
 
 
 def link_roots(inputs: Sequence[str], follow_links: bool) -> Optional[tuple[str, ...]]:
-    """`read_local`'s `inside` for a run: the local input folders, or None to follow links."""
+    """`read_local`'s `inside` for a run: the local input folders' real paths, resolved once per
+    run rather than once per file read, or None to follow links."""
     if follow_links:
         return None
-    return tuple(local_path(u) for u in inputs if uri_scheme(u) == "file")
+    return tuple(os.path.realpath(local_path(u)) for u in inputs if uri_scheme(u) == "file")

@@ -15,7 +15,7 @@ import pytest
 from ramplus_core.job.config import IMAGE_EXTENSIONS, StorageConfig
 from ramplus_core.job.fanout import Lister, walk
 from ramplus_core.job.listing import Entry, Fingerprint, list_inputs
-from ramplus_core.job.s3_listing import _lister
+from ramplus_core.job.s3_listing import _lister, _raw_timestamps
 from ramplus_core.job.storage import Storage
 
 from .test_plan import T0, Out, plan_rows, u
@@ -70,7 +70,7 @@ def test_parallel_s3_listing_equals_the_single_stream(s3_server, tmp_path):
         assert results[p].fingerprint == results[1].fingerprint
         assert (results[p].listed, results[p].skipped) == (results[1].listed, results[1].skipped)
     # every depth at which the walker may stop opening folders and list them whole
-    fsx, _ = storage.list_fs(root)
+    fsx, _ = storage.list_fs(root, _raw_timestamps)
     lister = _lister(fsx, s3_server.bucket, "s3")
     for max_depth, target in ((1, None), (2, 1), (3, 1000), (9, 1000)):
         got = Counter(e.uri for page in walk("tree/", lister, 3, max_depth=max_depth, target=target) for e in page)
