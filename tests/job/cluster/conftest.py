@@ -57,14 +57,29 @@ def _node_ports() -> dict:
 def _retried(start, tries: int = 3):
     """A node start, tried again when its raylet gave up on its agents: the raylet waits a
     fixed ~15 s for the dashboard agent's port file, which a loaded 2-core machine can
-    miss. A failed start stops the processes it began (Ray's Node does that itself)."""
-    for i in range(tries):
-        try:
-            return start()
-        except Exception:  # noqa: BLE001 - "The current node timed out during startup"
-            if i == tries - 1:
-                raise
-            time.sleep(2)
+    miss. A failed start stops the processes it began (Ray's Node does that itself).
+
+    Starting a node in this process also points the process-wide internal-KV client at the
+    new node's GCS (ray._private.node.Node does that). That client belongs to the Ray this
+    test session is a driver of (ray_local): once this cluster is gone, that Ray's next
+    internal-KV call waits 60 s for the dead GCS and Ray ends the whole test process with
+    status 1 and no summary. So the client is put back after every start."""
+    import ray.experimental.internal_kv as kv
+
+    before = kv.internal_kv_get_gcs_client()
+    try:
+        for i in range(tries):
+            try:
+                return start()
+            except Exception:  # noqa: BLE001 - "The current node timed out during startup"
+                if i == tries - 1:
+                    raise
+                time.sleep(2)
+    finally:
+        if before is None:
+            kv._internal_kv_reset()
+        else:
+            kv._initialize_internal_kv(before)
 
 
 class LocalCluster:

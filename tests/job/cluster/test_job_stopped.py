@@ -27,6 +27,7 @@ def test_submitted_job_stopped_mid_run_then_submitted_again_resumes(tmp_path):
 
     listed = small_jpegs(tmp_path / "in", 24)
     out, hold = tmp_path / "out", tmp_path / "hold"
+    hold.write_text("2")  # two batches pass, the next wait inside the replica: in flight when the driver goes
     with ray_head() as head:
         client = JobSubmissionClient(head.address)
         first = submit(client, entrypoint=_entrypoint(tmp_path / "in", out),
@@ -34,8 +35,7 @@ def test_submitted_job_stopped_mid_run_then_submitted_again_resumes(tmp_path):
         wait_for(lambda: staged_rows(out) >= 4 or client.get_job_status(first).is_terminal(), 600,
                  "two batches staged")
         assert not client.get_job_status(first).is_terminal(), client.get_job_logs(first)[-3000:]
-        hold.touch()  # the next batches wait inside the replica: in flight when the driver goes
-        time.sleep(1.0)
+        time.sleep(1.0)  # the third batch reaches the gate
         client.stop_job(first)
         assert wait_job(client, first, 120).status == JobStatus.STOPPED
         hold.unlink()

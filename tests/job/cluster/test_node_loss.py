@@ -64,9 +64,9 @@ def test_last_gpu_node_lost_fails_in_one_sentence_and_the_next_run_resumes(ray_c
     listed = small_jpegs(tmp_path / "in", 24)
     out, hold = tmp_path / "out", tmp_path / "hold"
     settings = {"inference.actors": 1, "inference.capacity_wait_s": 5.0}
+    hold.write_text("2")  # two batches pass, the next wait in the replica: in flight when the node goes
     job = start_job(c.address, tmp_path / "in", out, hold, **settings)
     wait_for(lambda: staged_rows(out) >= 4, 300, "two batches staged", job)
-    hold.touch()  # the next batches wait in the replica: in flight when the node goes
     wait_for(lambda: c.busy(only) >= 1, 120, "the replica inside a held batch", job)
     c.kill(only)
     t_kill = time.time()
@@ -100,13 +100,13 @@ def test_driver_killed_mid_run_then_started_again_resumes(ray_cluster, tmp_path)
     """The job's driver (on the head, as under `ray job submit`) SIGKILLed while batches are in
     flight: Ray ends its job, replicas and tasks with it; the next start resumes the run."""
     c = ray_cluster()
-    c.add_worker()
+    node = c.add_worker()
     listed = small_jpegs(tmp_path / "in", 24)
     out, hold = tmp_path / "out", tmp_path / "hold"
+    hold.write_text("2")  # two batches pass, the next wait in the replica
     job = start_job(c.address, tmp_path / "in", out, hold, **{"inference.actors": 1})
     wait_for(lambda: staged_rows(out) >= 4, 300, "two batches staged", job)
-    hold.touch()
-    time.sleep(1.0)
+    wait_for(lambda: c.busy(node) >= 1, 120, "the replica inside a held batch", job)
     job.proc.send_signal(signal.SIGKILL)
     job.wait(60)
     hold.unlink()
