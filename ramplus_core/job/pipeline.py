@@ -60,7 +60,7 @@ class Resources:
     max_actors: Optional[int] = None
 
 
-def ensure_ray(cfg: JobConfig) -> bool:
+def ensure_ray(cfg: JobConfig, emit=print) -> bool:
     """Use a running Ray (tests, `ray job submit`), else connect or start one; True if started here."""
     import ray
 
@@ -68,12 +68,48 @@ def ensure_ray(cfg: JobConfig) -> bool:
         return False
     kwargs: dict = {"log_to_driver": True}
     address = cfg.ray.address
+    if not address and not os.environ.get("RAY_ADDRESS"):
+        stale = stale_head_address()
+        if stale:
+            emit(f"ray: the head at {stale} named by {_ray_address_file()} (the last `ray start` on this "
+                 "machine) is not running; starting a local Ray instead (--ray-address to choose)")
+            address = "local"
     if address == "local" or cfg.ray.num_cpus is not None:
         kwargs["num_cpus"] = cfg.ray.num_cpus
     if address:
         kwargs["address"] = address
     ray.init(**kwargs)
     return True
+
+
+def _ray_address_file() -> str:
+    from ray._private.utils import get_ray_address_file
+
+    return get_ray_address_file(None)
+
+
+def stale_head_address(timeout_s: float = 1.0) -> Optional[str]:
+    """The address the last `ray start` on this machine recorded, when nothing listens there.
+
+    A plain `ray.init()` connects to that address; when its head has stopped without removing
+    the file (killed, machine restarted into the same /tmp), Ray waits for it and then ends the
+    whole process with status 1 and no message. A closed port is known at once.
+    """
+    import socket
+
+    try:
+        with open(_ray_address_file()) as f:
+            address = f.read().strip()
+    except (OSError, ImportError):
+        return None
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        return None
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError:
+        return address
+    return None
 
 
 def plan_resources(cfg: JobConfig) -> Resources:

@@ -197,7 +197,7 @@ def work_step(cfg: JobConfig, storage: Storage, rs: RunState, plan: pl.Plan, mod
             out["error"] = scrubber.text(f"{type(e).__name__}: {last_line(e)}")
         timings["pipeline"] = time.perf_counter() - t
         return out
-    out["started_ray"] = pp.ensure_ray(cfg)
+    out["started_ray"] = pp.ensure_ray(cfg, emit)
     res = out["resources"] = pp.plan_resources(cfg)
     timings["ray_start"] = time.perf_counter() - t
     t = time.perf_counter()
