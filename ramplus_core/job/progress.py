@@ -23,6 +23,11 @@ from .manifest import counts_of
 
 @ray.remote(num_cpus=0, max_concurrency=4)
 class ProgressCounter:
+    """The run's live counts, which the manifest's actors, model work and rates come from.
+
+    Started with `counter_on_driver_node()`: placed anywhere, it can land on a worker node that is
+    then lost (a reclaimed spot instance), and the run finishes with its counts gone.
+    """
     def __init__(self):
         self.tagged = 0
         self.errors = 0
@@ -58,6 +63,14 @@ class ProgressCounter:
                 "actors": list(self.actors), "prepare_calls": self.prepare_calls, "infer_s": self.infer_s,
                 "first": self.first, "first_n": self.first_n, "last": self.last, "work": dict(self.work),
                 "now": time.time()}  # the clock of `first` and `last` (the driver may be on another node)
+
+
+def counter_on_driver_node() -> "ray.actor.ActorHandle":
+    """A ProgressCounter on the driver's own node: it lives exactly as long as the run can."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = ray.get_runtime_context().get_node_id()
+    return ProgressCounter.options(scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False)).remote()
 
 
 def steady_rate(snap: dict) -> float:

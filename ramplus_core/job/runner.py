@@ -33,7 +33,7 @@ from . import table as tb
 from .capacity import object_nodes
 from .config import JobConfig, redact_uri, redacted, uri_scheme
 from .listing import Fingerprint, ListingFailed, ListingResult, list_inputs
-from .progress import ProgressCounter, ProgressReporter, progress_line, steady_rate, summary_table
+from .progress import ProgressReporter, counter_on_driver_node, progress_line, steady_rate, summary_table
 from .schemas import ERRORS_SCHEMA, TAGS_SCHEMA
 from .scrub import Scrubber
 from .state import RunState, open_run, resume_key
@@ -205,7 +205,7 @@ def work_step(cfg: JobConfig, storage: Storage, rs: RunState, plan: pl.Plan, mod
     timings["vocab_put"] = time.perf_counter() - t
     emit(f"ray: {res.cluster_cpus:g} CPUs, {res.cluster_gpus:g} GPUs on {res.nodes} node(s); {res.actors} "
          f"{res.device} actor(s); vocabulary {out['vocab_bytes'] / 2**20:.1f} MiB put once")
-    counter = ProgressCounter.remote()
+    counter = counter_on_driver_node()
     t = time.perf_counter()
     out["started_at"] = time.time()
     reporter = ProgressReporter(counter, todo_rows, cfg.ray.progress_interval_s, emit, res.actors).start()
