@@ -119,7 +119,7 @@ def test_local_folder_end_to_end(ray_local, mixed_dir, tmp_path):
     actors = m["actors"]
     assert len(actors) == 2
     assert len({a["pid"] for a in actors}) == 2
-    for key in ("embeds", "projected", "mask"):
+    for key in ("embeds", "projected", "index"):
         locs = {(a["node_id"], a["vocab_memory"][key]["device"], a["vocab_memory"][key]["inode"],
                  a["vocab_memory"][key]["offset"]) for a in actors}
         assert len(locs) == 1, f"{key}: actors read different copies: {locs}"
