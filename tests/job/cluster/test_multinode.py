@@ -24,8 +24,11 @@ def test_pool_spreads_grows_onto_a_joining_node_and_ships_the_vocabulary_once_pe
     out, hold = tmp_path / "out", tmp_path / "hold"
     hold.touch()  # every batch waits in its replica: the queue stays full, so the pool wants to grow
     t0 = time.time()
+    # min 2: Ray Data's autoscaler may drop a replica of a pool above its minimum when the
+    # first block arrives alone (utilization 1/4), and start it again a moment later; that
+    # timing-dependent restart on the first node is not what this test is about
     job = start_job(c.address, tmp_path / "in", out, hold, **{
-        "inference.actors": 2, "inference.min_actors": 1, "inference.max_actors": 3})
+        "inference.actors": 2, "inference.min_actors": 2, "inference.max_actors": 3})
     wait_for(lambda: c.busy(first) == 2, 300, "both replicas of the first node inside a batch", job)
     t_busy = time.time() - t0
     second = c.add_worker(gpus=1)  # a GPU node joins mid-run (as the Ray autoscaler would add one)
@@ -46,7 +49,7 @@ def test_pool_spreads_grows_onto_a_joining_node_and_ships_the_vocabulary_once_pe
     holders = set(m["vocabulary"]["object_nodes"])
     assert {first.node_id, second.node_id} <= holders and c.cluster.head_node.node_id in holders, holders
     assert len(holders) == 3 < len(m["actors"]) + 1
-    assert m["resources"]["min_actors"] == 1 and m["resources"]["max_actors"] == 3
+    assert m["resources"]["min_actors"] == 2 and m["resources"]["max_actors"] == 3
 
     c_ = m["counts"]
     assert c_["listed"] == c_["tagged"] + c_["errors"] == 24 and c_["errors"] == 0
