@@ -127,14 +127,14 @@ def _reference_id(uri: str, storage: Storage) -> dict:
 
 def vocabulary_identity(vc: VocabularyConfig, storage: Storage) -> Optional[dict]:
     """The vocabulary settings and the content of what they read; None if a file cannot be identified."""
-    from ..vocab_file import references
-
     out: dict = {"tags": list(vc.tags) if vc.tags else None, "threshold": vc.threshold}
     try:
         for key in ("tags_file", "thresholds_file", "file"):
             uri = getattr(vc, key)
             out[key] = _file_bytes_id(uri, storage) if uri else None
         if vc.file:
+            from ..vocab_file import references  # imports torch: only when there is a file
+
             out["references"] = [_reference_id(u, storage) for u in references(vc.file)]
     except Exception:  # noqa: BLE001 - unidentifiable: computed as before, and its error said there
         return None

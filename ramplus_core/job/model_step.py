@@ -52,9 +52,6 @@ def model_ids(cfg: JobConfig, storage: Storage, emit) -> dict:
     its arrays are kept for the work. Without the arrays, `ensure_model` loads it if the
     plan has work.
     """
-    from ..checkpoint import read_label_embed
-    from ..vocabulary import Vocabulary
-
     ident = mi.checkpoint_identity(cfg.checkpoint, storage)
     vident = mi.vocabulary_identity(cfg.vocabulary, storage)
     ck_key, v_key = mi.IdCache.keys(ident, vident)
@@ -68,6 +65,9 @@ def model_ids(cfg: JobConfig, storage: Storage, emit) -> dict:
                     "descriptions_per_tag": int(vhit.get("descriptions_per_tag", hit["descriptions_per_tag"])),
                     "descriptor": desc, "model_loaded": False, "ids_from": "cache", "cache_keys": (ck_key, v_key)}
     if hit:
+        from ..checkpoint import read_label_embed  # torch and timm: not for a night the cache answers
+        from ..vocabulary import Vocabulary
+
         path = _checkpoint_path(cfg, storage)
         label_embed, d = read_label_embed(path)
         vocab = build_vocabulary(cfg.vocabulary, Vocabulary.from_label_embed(label_embed, d))

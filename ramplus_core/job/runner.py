@@ -279,16 +279,14 @@ def _cleanup_staging(storage: Storage, staging: str) -> None:
 
 
 def versions() -> dict:
-    import PIL
-    import pyarrow
-    import ray
-    import torch
+    """From the installed distributions: importing torch (1.5 s) only to read its version would
+    be most of a night that has nothing to do."""
+    from importlib.metadata import version
 
     from .. import __version__
 
-    return {"ramplus": __version__, "python": platform.python_version(), "ray": ray.__version__,
-            "torch": torch.__version__, "pyarrow": pyarrow.__version__, "pillow": PIL.__version__,
-            "platform": platform.platform()}
+    return {"ramplus": __version__, "python": platform.python_version(),
+            **{k: version(k) for k in ("ray", "torch", "pyarrow", "pillow")}, "platform": platform.platform()}
 
 
 # -- the whole run -------------------------------------------------------------------------

@@ -65,6 +65,23 @@ def test_a_night_without_work_loads_no_model_but_commits_deletions(night):
     assert third["status"] == "committed" and gone.as_uri() not in _tags(out)
 
 
+def test_a_night_without_work_imports_no_torch(night):
+    """torch and timm (1.5-3.5 s here) were imported for the id cache's answer and the manifest's
+    version list: most of a no-op night. The night from the shell, as cron runs it."""
+    src, out, ck, go = night
+    go()
+    probe = ("import runpy, sys\n"
+             f"sys.argv = ['tag_bucket.py', '--input', {str(src)!r}, '--output', {str(out)!r}, "
+             f"'--checkpoint', {str(ck)!r}, '--quiet']\n"
+             "try:\n    runpy.run_path('jobs/tag_bucket.py', run_name='__main__')\n"
+             "except SystemExit as e:\n    assert not e.code, e.code\n"
+             "print('heavy:', sorted(m for m in ('torch', 'timm') if m in sys.modules))\n")
+    r = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "ids from the cache" in r.stdout and "0 to do" in r.stdout, r.stdout[-2000:]
+    assert r.stdout.strip().splitlines()[-1] == "heavy: []", r.stdout[-2000:]
+
+
 def test_new_images_load_the_model_once_with_the_cached_ids(night):
     src, out, ck, go = night
     first = go()
