@@ -77,19 +77,19 @@ def _seed_tables(inp: Path, out: Path, staging: Path) -> int:
     from ramplus_core.job.writer import shard_of
 
     _night(inp / "seed", out)
-    uri = tb.table_uri(str(out), "tags")
-    dt = DeltaTable(uri)
-    template = dt.to_pyarrow_table().slice(0, 1)
-    shards = tb.ensure_tables(Storage(), str(out))["shards"]
+    storage, uri = Storage(), tb.table_uri(str(out), "tags")
+    template = DeltaTable(uri).to_pyarrow_table().slice(0, 1)
+    shards = tb.ensure_tables(storage, str(out))["shards"]
     own = ("uri", "size", "etag", "mtime")
-    listed = list_inputs([str(inp)], Storage(), IMAGE_EXTENSIONS, str(staging), 100_000)
+    listed = list_inputs([str(inp)], storage, IMAGE_EXTENSIONS, str(staging), 100_000)
 
     def batches():
         for path in listed.files:
             w = pq.read_table(path, columns=list(own))
             w = w.filter(pa.compute.invert(pa.compute.match_substring(w.column("uri"), "/seed/")))
-            cols = {c: w.column(c) for c in own} | {"version": version_strings(w.column("etag"), w.column("size"), w.column("mtime"))}
-            cols["shard"] = pa.array(shard_of(w.column("uri").to_pylist(), shards), pa.int32())
+            cols = {c: w.column(c) for c in own}
+            cols["version"] = version_strings(cols["etag"], cols["size"], cols["mtime"])
+            cols["shard"] = pa.array(shard_of(cols["uri"].to_pylist(), shards), pa.int32())
             copy = np.zeros(w.num_rows, dtype=np.int64)
             yield from pa.table({f.name: cols[f.name] if f.name in cols else template.column(f.name).take(copy)
                                  for f in TAGS_SCHEMA}, schema=TAGS_SCHEMA).to_batches()
@@ -106,11 +106,11 @@ def _night(inp: Path, out: Path, *sets: str) -> dict:
     t = time.perf_counter()
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=REPO)
     text = p.stdout.read().decode(errors="replace")
-    _, status, usage = os.wait4(p.pid, 0)
+    _, status, usage = os.wait4(p.pid, 0)  # this child's own peak RSS, not the largest child's so far
     wall = time.perf_counter() - t
-    p.returncode = os.waitstatus_to_exitcode(status)
-    if p.returncode != 0:
-        raise SystemExit(f"night failed (exit {p.returncode}):\n{text[-3000:]}")
+    p.returncode = code = os.waitstatus_to_exitcode(status)  # reaped here, so Popen must be told
+    if code != 0:
+        raise SystemExit(f"night failed (exit {code}):\n{text[-3000:]}")
     runs = sorted((out / "_runs").glob("*.json"), key=lambda q: q.stat().st_mtime)
     manifest = json.loads([q for q in runs if not q.name.endswith(".FAILED.json")][-1].read_text())
     return {"wall": wall, "rss": usage.ru_maxrss * 1024, "manifest": manifest}

@@ -6,6 +6,7 @@ does), Ray is a real local instance, and the image folder holds real good and ba
 
 from __future__ import annotations
 
+import importlib
 import io
 import json
 import os
@@ -20,6 +21,7 @@ import time
 import urllib.error
 import urllib.request
 import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +36,17 @@ GOLDEN = REPO / "tests" / "golden" / "tiny"
 CHECKPOINT = GOLDEN / "ram_plus_checkpoint.pth"
 VENV_BIN = Path(sys.executable).parent
 ACCESS_KEY, SECRET_KEY, BUCKET = "testkey", "testsecret-do-not-log", "test-bucket"
+
+
+@contextmanager
+def benchmark_module(name: str):
+    """A script of benchmarks/ as a module; benchmarks/ stays on the path while it runs, because
+    ceiling.py's spawned decode pool imports it again."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        yield importlib.import_module(name)
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
 
 
 def _port_free(port: int) -> bool:

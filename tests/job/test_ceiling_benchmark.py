@@ -3,11 +3,9 @@ decode-only references run, the table prints, and the job's own Tagger is back a
 
 from __future__ import annotations
 
-import sys
-
 import pytest
 
-from .conftest import REPO
+from .conftest import benchmark_module
 
 
 @pytest.mark.slow
@@ -15,14 +13,9 @@ def test_ceiling_benchmark_smoke(ray_local, tmp_path, capsys):
     from ramplus_core.job import pipeline
     from ramplus_core.job.inference import Tagger
 
-    sys.path.insert(0, str(REPO / "benchmarks"))  # kept while it runs: its spawned decode pool imports it
-    try:
-        import ceiling
-
+    with benchmark_module("ceiling") as ceiling:
         results = ceiling.main(["--small", "24", "--large", "2", "--repeats", "1", "--no-s3",
                                 "--images-dir", str(tmp_path / "images")])
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
     out = capsys.readouterr().out
     assert "| 0.3 MP local | 24 |" in out and "| 12 MP local | 2 |" in out
     for label, r in results.items():

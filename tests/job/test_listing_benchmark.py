@@ -3,23 +3,16 @@ parallelisms (which must list the same keys), both synthetic nights and their ta
 
 from __future__ import annotations
 
-import sys
-
 import pytest
 
-from .conftest import REPO
+from .conftest import benchmark_module
 
 
 @pytest.mark.slow
 def test_listing_benchmark_smoke(tmp_path, capsys):
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        import listing
-
+    with benchmark_module("listing") as listing:
         assert listing.main(["--s3-keys", "1500", "--parallelism", "1,4", "--keys", "20000",
                              "--tmp", str(tmp_path)]) == 0
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
     out = capsys.readouterr().out
     assert "list_inputs, listing.parallelism=4" in out and "keys per CPU s" in out
     assert "0.02M keys, first night (no state)" in out and "0.0202M keys, second night (+1% new)" in out

@@ -3,19 +3,12 @@ nothing tagged and no model on a night without work, exactly the 3 new images on
 
 from __future__ import annotations
 
-import sys
-
-from .conftest import REPO
+from .conftest import benchmark_module
 
 
 def test_night_benchmark_smoke(tmp_path, capsys):
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        import night
-
+    with benchmark_module("night") as night:
         night.main(["--n", "40", "--repeats", "1", "--tmp", str(tmp_path)])
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
     rows = {line.split("|")[0].strip(): line for line in capsys.readouterr().out.splitlines() if "|" in line}
     assert "no model; tagged 0 of 40 listed" in rows["nothing to do, 40 listed"]
     assert "model loaded; tagged 3 of 43 listed" in rows["3 new images"]
